@@ -1,0 +1,1 @@
+"""Caffe2 checkpoint conversion (``nonlocal_net.converters``)."""

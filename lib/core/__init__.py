@@ -1,0 +1,1 @@
+"""Configuration (the original ``core`` package)."""

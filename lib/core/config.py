@@ -1,0 +1,307 @@
+"""The original project's configuration system, on top of yacs.
+
+Every key of the original ``lib/core/config.py`` exists here with its original default (byte
+strings became ``str``), so the original YAML files load unchanged and the original command-line
+``KEY VALUE`` overrides work. The merge rules are the original's, which are stricter than yacs'
+own:
+
+* A key that is not in the defaults is an error (:class:`ConfigKeyError`) naming the full key.
+* From a YAML file, a string value is first passed through :func:`ast.literal_eval`; the result
+  must then have *exactly* the type of the default (``int`` is not ``float``, ``bool`` is not
+  ``int``), except that ``None`` may replace anything. A key whose default is ``None``
+  (``SOLVER.STEPS``) cannot be set from a file, as in the original.
+* From a ``KEY VALUE`` list, the value is ``literal_eval``-ed (falling back to the raw string) and
+  must be an *instance* of the default's type (so ``True`` is accepted for an ``int`` key, ``1``
+  is not accepted for a ``float`` key); a key whose default is ``None`` takes any value.
+
+Type errors are :class:`ConfigTypeError` naming the key, the expected and the given type.
+:func:`assert_and_infer_cfg` then derives ``SOLVER.STEPS`` and checks the batch sizes, as the
+original does before building a model.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import yaml
+from yacs.config import CfgNode
+
+__all__ = [
+    "ConfigError",
+    "ConfigKeyError",
+    "ConfigTypeError",
+    "assert_and_infer_cfg",
+    "cfg_from_file",
+    "cfg_from_list",
+    "get_default_cfg",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key (and the file, where there is one)."""
+
+
+class ConfigKeyError(ConfigError, KeyError):
+    """A key that does not exist in the original configuration."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """A value whose type does not match the default's type under the original's rules."""
+
+
+def _node(**entries: Any) -> CfgNode:
+    return CfgNode(entries)
+
+
+def _defaults() -> CfgNode:
+    """Build the original defaults. Comments give the original's meaning where it is not obvious."""
+    c = CfgNode()
+    c.DEBUG = False
+
+    c.DATALOADER = _node(MAX_BAD_IMAGES=100)
+
+    c.TRAIN = _node(
+        PARAMS_FILE="",
+        DATA_TYPE="train",
+        BATCH_SIZE=64,  # global batch; the per-GPU batch is BATCH_SIZE / NUM_GPUS
+        MEM_CACHE=False,
+        RESUME_FROM_BATCH_SIZE=-1,
+        RESET_START_ITER=False,
+        JITTER_SCALES=[256, 480],  # JITTER_SCALES[0] is also the fully-convolutional test crop
+        CROP_SIZE=224,
+        COMPUTE_PRECISE_BN=True,
+        ITER_COMPUTE_PRECISE_BN=200,
+        EVAL_PERIOD=5005,
+        DATASET_SIZE=234643,
+        VIDEO_LENGTH=32,  # clip length; also sets the pool5 temporal kernel and the test clips
+        SAMPLE_RATE=2,
+        DROPOUT_RATE=0.0,
+        TEST_AFTER_TRAIN=False,
+    )
+
+    c.MODEL = _node(
+        NUM_CLASSES=-1,
+        MODEL_NAME="",  # 'resnet_video' or 'resnet_video_org'
+        VIDEO_ARC_CHOICE=1,  # 1: C2D R50, 2: I3D R50, 3: C2D R101, 4: I3D R101
+        DEPTH=50,
+        BN_MOMENTUM=0.9,  # Caffe2 convention: running = running * 0.9 + batch * 0.1
+        BN_EPSILON=1.0000001e-5,
+        BN_INIT_GAMMA=1.0,  # initial gamma of every branch2c BN
+        FC_INIT_STD=0.01,
+        MEAN=114.75,
+        STD=57.375,
+        ALLOW_INPLACE_SUM=True,
+        ALLOW_INPLACE_RELU=True,
+        ALLOW_INPLACE_RESHAPE=True,
+        MEMONGER=True,
+        USE_BGR=False,
+        USE_AFFINE=False,  # every BN becomes a frozen per-channel affine; res3 non-local grouped
+        SAMPLE_THREADS=8,
+    )
+
+    c.RESNETS = _node(
+        NUM_GROUPS=1,
+        WIDTH_PER_GROUP=64,
+        STRIDE_1X1=False,  # present in the original but never read
+        TRANS_FUNC="bottleneck_transformation",
+    )
+
+    c.TEST = _node(
+        PARAMS_FILE="",
+        DATA_TYPE="",
+        BATCH_SIZE=64,
+        TEN_CROP=False,
+        SCALE=256,
+        CROP_SIZE=224,  # unused by the fully-convolutional test
+        OUTPUT_NAME="pred",
+        TEST_FULLY_CONV=False,
+        TEST_FULLY_CONV_FLIP=False,
+        GLOBAL_AVE=False,
+        DATASET_SIZE=19761,
+        VIDEO_LENGTH=32,  # never read by the original: TRAIN.VIDEO_LENGTH is used at test time
+        SAMPLE_RATE=2,  # never read, likewise
+        NUM_TEST_CLIPS=10,
+        USE_MULTI_CROP=0,
+    )
+
+    c.SOLVER = _node(
+        NESTEROV=True,
+        WEIGHT_DECAY=0.0001,
+        WEIGHT_DECAY_BN=0.0001,
+        MOMENTUM=0.9,
+        LR_POLICY="steps_with_relative_lrs",
+        BASE_LR=0.1,
+        STEP_SIZES=[150150, 150150, 150150],
+        LRS=[1, 0.1, 0.01],
+        MAX_ITER=500500,
+        STEPS=None,  # derived from STEP_SIZES by assert_and_infer_cfg
+        GAMMA=0.1,
+        SCALE_MOMENTUM=False,
+        WARMUP=_node(WARMUP_ON=False, WARMUP_START_LR=0.1, WARMUP_END_ITER=5005 * 5),
+    )
+
+    c.CHECKPOINT = _node(CHECKPOINT_MODEL=True, CHECKPOINT_PERIOD=-1, RESUME=True, DIR=".")
+
+    c.NONLOCAL = _node(
+        CONV_INIT_STD=0.01,
+        NO_BIAS=0,
+        USE_MAXPOOL=True,
+        USE_SOFTMAX=True,
+        USE_ZERO_INIT_CONV=False,
+        USE_BN=True,
+        USE_SCALE=True,
+        USE_AFFINE=False,
+        BN_MOMENTUM=0.9,
+        BN_EPSILON=1.0000001e-5,
+        BN_INIT_GAMMA=0.0,
+        LAYER_MOD=2,
+        CONV3_NONLOCAL=True,
+        CONV4_NONLOCAL=True,
+    )
+
+    c.METRICS = _node(EVAL_FIRST_N=False, FIRST_N=1000)
+
+    c.DATADIR_TRAIN_TIME = "kinetics/alllist"
+    c.DATADIR_TEST_TIME = "data/kinetics/kinetics_lmdb_gfsai"
+    c.FILENAME_GT = "data/kinetics/val_all_list.txt"
+    c.DATADIR = ""
+    c.DATASET = ""
+    c.ROOT_GPU_ID = 0
+    c.CUDNN_WORKSPACE_LIMIT = 256
+    c.RNG_SEED = 2
+    c.NUM_GPUS = 8
+    c.VIDEO_DECODER_THREADS = 4
+    c.OUTPUT_DIR = "gen"
+    c.LOG_PERIOD = 10
+    c.PROF_DAG = False
+    return c
+
+
+_DEFAULTS = _defaults()
+
+
+def get_default_cfg() -> CfgNode:
+    """Return a fresh, mutable copy of the original defaults."""
+    return _DEFAULTS.clone()
+
+
+def _literal(value: Any) -> Any:
+    """The original's string decoding: ``literal_eval`` if it parses, else the string itself."""
+    if isinstance(value, str):
+        try:
+            return ast.literal_eval(value)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            return value
+    return value
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def _merge_mapping(cfg: CfgNode, data: Mapping, prefix: str, source: str) -> None:
+    """Merge a YAML mapping into ``cfg`` with the original file rules (exact type match)."""
+    for key, raw in data.items():
+        full_key = f"{prefix}{key}"
+        if not isinstance(key, str) or key not in cfg:
+            raise ConfigKeyError(f"{source}: unknown config key {full_key!r}")
+        default = cfg[key]
+        if isinstance(raw, Mapping):
+            if not isinstance(default, CfgNode):
+                raise ConfigTypeError(
+                    f"{source}: config key {full_key!r} is a value, not a section "
+                    f"(got a mapping, expected {_type_name(default)})"
+                )
+            _merge_mapping(default, raw, full_key + ".", source)
+            continue
+        if isinstance(default, CfgNode):
+            raise ConfigTypeError(
+                f"{source}: config key {full_key!r} is a section; got a {_type_name(raw)} value"
+            )
+        value = _literal(raw)
+        if value is not None and type(value) is not type(default):
+            raise ConfigTypeError(
+                f"{source}: type mismatch for config key {full_key!r}: expected "
+                f"{_type_name(default)} (default {default!r}), got {_type_name(value)} ({value!r})"
+            )
+        cfg[key] = copy.deepcopy(value)
+
+
+def cfg_from_file(cfg: CfgNode, filename: str | os.PathLike) -> CfgNode:
+    """Merge an original-format YAML config file into ``cfg`` (in place) and return ``cfg``."""
+    path = os.fspath(filename)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not a valid YAML file: {e}") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: a config file must hold a mapping, got {_type_name(data)}")
+    _merge_mapping(cfg, data, "", path)
+    return cfg
+
+
+def cfg_from_list(cfg: CfgNode, args: Sequence[Any], source: str = "overrides") -> CfgNode:
+    """Apply ``KEY VALUE`` pairs (as on the original command line) to ``cfg`` in place."""
+    args = list(args)
+    if len(args) % 2 != 0:
+        raise ConfigError(
+            f"{source}: expected KEY VALUE pairs, got an odd number of items ({len(args)}): "
+            f"{args[-1]!r} has no value"
+        )
+    for key, raw in zip(args[0::2], args[1::2]):
+        if not isinstance(key, str):
+            raise ConfigKeyError(f"{source}: config keys must be strings, got {key!r}")
+        node = cfg
+        parts = key.split(".")
+        for depth, part in enumerate(parts):
+            if not isinstance(node, CfgNode) or part not in node:
+                raise ConfigKeyError(f"{source}: unknown config key {key!r}")
+            if depth < len(parts) - 1:
+                node = node[part]
+        leaf = parts[-1]
+        default = node[leaf]
+        if isinstance(default, CfgNode):
+            raise ConfigTypeError(f"{source}: config key {key!r} is a section, not a value")
+        value = _literal(raw)
+        if default is not None and not isinstance(value, type(default)):
+            raise ConfigTypeError(
+                f"{source}: type mismatch for config key {key!r}: expected "
+                f"{_type_name(default)} (default {default!r}), got {_type_name(value)} ({value!r})"
+            )
+        node[leaf] = copy.deepcopy(value)
+    return cfg
+
+
+def assert_and_infer_cfg(cfg: CfgNode) -> CfgNode:
+    """Derive ``SOLVER.STEPS`` and check the batch sizes, as the original does before building.
+
+    ``SOLVER.STEP_SIZES [a, b, c]`` becomes ``SOLVER.STEPS [0, a, a+b, a+b+c]``.
+    """
+    if cfg.SOLVER.STEPS is None:
+        steps = [0]
+        for size in cfg.SOLVER.STEP_SIZES:
+            steps.append(steps[-1] + size)
+        cfg.SOLVER.STEPS = steps
+    if cfg.TEST.TEN_CROP:
+        raise ConfigError("TEST.TEN_CROP is deprecated in the original and is not supported")
+    if cfg.NUM_GPUS <= 0:
+        raise ConfigError(f"NUM_GPUS must be positive, got {cfg.NUM_GPUS}")
+    for key in ("TRAIN", "TEST"):
+        if cfg[key].BATCH_SIZE % cfg.NUM_GPUS != 0:
+            raise ConfigError(
+                f"{key}.BATCH_SIZE ({cfg[key].BATCH_SIZE}) must be a multiple of NUM_GPUS "
+                f"({cfg.NUM_GPUS})"
+            )
+    return cfg
