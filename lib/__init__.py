@@ -9,6 +9,7 @@ Typical use::
 
 from .core.config import ConfigError
 from .models import ZOO, build_model, get_cfg, get_zoo_entry, list_models
+from .models.checkpoint import load_model
 
 __version__ = "0.1.0"
 
@@ -20,4 +21,5 @@ __all__ = [
     "get_cfg",
     "get_zoo_entry",
     "list_models",
+    "load_model",
 ]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import nonlocal_net as nl
 import pytest
 import yaml
+
+import nonlocal_net as nl
 from nonlocal_net.core.config import (
     ConfigError,
     ConfigKeyError,

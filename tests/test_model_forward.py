@@ -3,11 +3,12 @@ heads, batch independence, and clear errors."""
 
 from __future__ import annotations
 
-import nonlocal_net as nl
 import pytest
 import torch
 import torch.nn.functional as F
 from blob_inventory import RELEASED
+
+import nonlocal_net as nl
 from nonlocal_net.core.config import ConfigError
 
 

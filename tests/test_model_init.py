@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 
-import nonlocal_net as nl
 import pytest
 import torch
+
+import nonlocal_net as nl
 from nonlocal_net.models.layers import AffineNd, SpatialBN
 
 

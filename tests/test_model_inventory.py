@@ -3,9 +3,10 @@ in creation order), derived independently in ``blob_inventory.py`` from the spec
 
 from __future__ import annotations
 
-import nonlocal_net as nl
 import pytest
 from blob_inventory import RELEASED, Arch, expected_blobs, is_running_stat
+
+import nonlocal_net as nl
 from nonlocal_net.models.layers import AffineNd
 
 

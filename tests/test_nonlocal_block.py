@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from nonlocal_net.models.layers import AffineNd, SpatialBN
 from nonlocal_net.models.nonlocal_helper import NonLocalBlock
 

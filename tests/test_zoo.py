@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nonlocal_net as nl
 import pytest
+
+import nonlocal_net as nl
 from nonlocal_net.models.zoo import PRETRAINED_INIT, ZOO, get_zoo_entry
 
 # name: (model file, arc, frames, rate, affine, non-local, dropout, top-1, top-5)

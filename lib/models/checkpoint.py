@@ -1,0 +1,167 @@
+"""The converted-weights file format and :func:`load_model`.
+
+A converted checkpoint is a ``torch.save`` file that ``torch.load(path, weights_only=True)``
+reads (no pickled classes), holding a dict::
+
+    {
+        "format": "nonlocal_net/v1",
+        "state_dict": {name: tensor, ...},   # exactly the model's parameters and buffers
+        "cfg": {...},                        # the model config as a plain nested dict
+        "meta": {...},                       # provenance: source file, sha256, counts, version
+    }
+
+:func:`load_model` rebuilds the model from the stored config and loads the weights strictly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from yacs.config import CfgNode
+
+from ..core.config import ConfigError, _merge_mapping, assert_and_infer_cfg, get_default_cfg
+from ..core.config import cfg_from_list as _cfg_from_list
+from ..utils.io import atomic_write
+from .model_builder import build_model
+from .resnet_video import ResNetVideo
+
+__all__ = [
+    "FORMAT",
+    "CheckpointError",
+    "cfg_from_dict",
+    "cfg_to_dict",
+    "load_checkpoint",
+    "load_model",
+    "save_checkpoint",
+]
+
+FORMAT = "nonlocal_net/v1"
+
+
+class CheckpointError(ValueError):
+    """A converted checkpoint that cannot be read or does not fit its model; names the file."""
+
+
+def cfg_to_dict(cfg: CfgNode) -> dict[str, Any]:
+    """A plain nested ``dict`` copy of a config (safe for ``torch.load(weights_only=True)``)."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {str(k): convert(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [convert(v) for v in value]
+        return value
+
+    return convert(cfg)
+
+
+def cfg_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> CfgNode:
+    """Rebuild a frozen config from :func:`cfg_to_dict` output; unknown keys are errors."""
+    data = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
+    solver = data.get("SOLVER")
+    if isinstance(solver, dict):
+        solver.pop("STEPS", None)  # derived again from STEP_SIZES below
+    cfg = get_default_cfg()
+    _merge_mapping(cfg, data, "", source)
+    assert_and_infer_cfg(cfg)
+    cfg.freeze()
+    return cfg
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    state_dict: Mapping[str, torch.Tensor],
+    cfg: CfgNode,
+    meta: Mapping[str, Any] | None = None,
+) -> None:
+    """Write a converted checkpoint atomically (temporary file + rename)."""
+    payload = {
+        "format": FORMAT,
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
+        "cfg": cfg_to_dict(cfg),
+        "meta": dict(meta or {}),
+    }
+    with atomic_write(path) as f:
+        torch.save(payload, f)
+
+
+def _describe_non_torch_file(path: str) -> str:
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:1] == b"\x80" or head[:1] in (b"(", b"}"):
+        return " It looks like a Python pickle: is it a Caffe2 .pkl? Convert it with vnl-convert."
+    return ""
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Read a converted checkpoint with ``weights_only=True`` and check its structure."""
+    path = os.fspath(path)
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except Exception as e:  # torch raises many exception types for a bad file
+        hint = _describe_non_torch_file(path) if os.path.isfile(path) else ""
+        raise CheckpointError(
+            f"{path}: not a converted nonlocal_net checkpoint ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}).{hint}"
+        ) from e
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise CheckpointError(f"{path}: expected a {FORMAT!r} checkpoint, found {found!r}")
+    for key, kind in (("state_dict", dict), ("cfg", dict), ("meta", dict)):
+        if not isinstance(data.get(key), kind):
+            raise CheckpointError(f"{path}: missing or malformed {key!r} entry")
+    return data
+
+
+def load_model(
+    path: str | os.PathLike,
+    split: str = "test",
+    overrides: Sequence[str] = (),
+    map_location: str | torch.device = "cpu",
+) -> ResNetVideo:
+    """Rebuild the model stored in a converted checkpoint and load its weights strictly.
+
+    ``overrides`` are ``KEY VALUE`` pairs applied to the stored config (for example
+    ``["TRAIN.VIDEO_LENGTH", "16"]``); any override that changes the parameter shapes makes the
+    strict load fail with a message listing the offending names.
+    """
+    path = os.fspath(path)
+    data = load_checkpoint(path, map_location=map_location)
+    try:
+        cfg = cfg_from_dict(data["cfg"], source=f"{path} [cfg]")
+        if overrides:
+            cfg = cfg.clone()
+            cfg.defrost()
+            _cfg_from_list(cfg, list(overrides))
+            assert_and_infer_cfg(cfg)
+            cfg.freeze()
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from e
+    model = build_model(cfg, split=split)
+    state = data["state_dict"]
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(state) & set(expected)
+        if tuple(state[k].shape) != tuple(expected[k].shape)
+        and not (k == "pred.weight" and state[k].numel() == expected[k].numel())
+    )
+    if missing or unexpected or wrong:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", wrong)):
+            if items:
+                shown = ", ".join(items[:8]) + (
+                    f", ... ({len(items)} in all)" if len(items) > 8 else ""
+                )
+                parts.append(f"{label}: {shown}")
+        raise CheckpointError(f"{path}: weights do not fit the model ({'; '.join(parts)})")
+    model.load_state_dict(state, strict=True)
+    model.to(map_location)
+    return model

@@ -1,0 +1,43 @@
+"""Atomic file writing: a crash never leaves a half-written checkpoint or results file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+__all__ = ["atomic_write", "temporary_sibling"]
+
+
+def temporary_sibling(path: str | os.PathLike) -> Path:
+    """A fresh, unused temporary name in the directory of ``path`` (same file system)."""
+    target = Path(path)
+    return target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Write to a temporary file next to ``path``; on success flush, fsync and rename it over
+    ``path``. On any exception the temporary file is removed and ``path`` is left as it was.
+
+    The file is created with the usual permissions (``0o666`` minus the umask).
+    """
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_write supports modes 'wb' and 'w', got {mode!r}")
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(target)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
