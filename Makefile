@@ -43,5 +43,10 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
 
+bench: $(STAMP)
+	@set -e; for f in benchmarks/bench_*.py; do \
+		[ -e "$$f" ] || { echo "no benchmarks yet"; break; }; \
+		echo "== $$f"; $(PY) "$$f"; done
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
