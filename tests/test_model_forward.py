@@ -3,6 +3,7 @@ heads, batch independence, and clear errors."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -176,7 +177,7 @@ def test_split_modes_and_dropout():
     assert train.training and isinstance(train.dropout, torch.nn.Dropout)
     assert train.dropout.p == 0.5
     assert train.res_conv1_bn.momentum == pytest.approx(0.1)  # Caffe2 0.9
-    assert train.res_conv1_bn.eps == 1.0000001e-5
+    assert train.res_conv1_bn.eps == float(np.float32(1.0000001e-5))  # a Caffe2 float argument
     no_drop = nl.build_model("i3d_baseline_8x8_IN_pretrain_300k_4gpu", split="train")
     assert isinstance(no_drop.dropout, torch.nn.Identity)
     for split in ("val", "test"):

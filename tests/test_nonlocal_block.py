@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,7 +43,7 @@ def _reference(block: NonLocalBlock, x: torch.Tensor, softmax=True, scale=True, 
             a[i] = (theta[:, i : i + 1] * phi).sum(0)
         if softmax:
             if scale:
-                a = a * c**-0.5
+                a = a * float(np.float32(c**-0.5))  # Caffe2 Scale: a float32 argument
             p = torch.exp(a - a.max(1, keepdim=True).values)
             p = p / p.sum(1, keepdim=True)
         else:

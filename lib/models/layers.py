@@ -11,10 +11,21 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["AffineNd", "SpatialBN", "caffe2_to_torch_momentum"]
+__all__ = ["AffineNd", "SpatialBN", "caffe2_float", "caffe2_to_torch_momentum"]
+
+
+def caffe2_float(value: float) -> float:
+    """``value`` rounded to float32, as Caffe2 stores a float operator argument.
+
+    The original passes e.g. the BN epsilon 1.0000001e-5 and the non-local scale ``C'^-1/2`` as
+    float arguments; using the float32-rounded constants keeps float64 runs of the port on the
+    original's numbers (the difference is ~1e-9 relative, visible only in float64).
+    """
+    return float(np.float32(value))
 
 
 def caffe2_to_torch_momentum(momentum: float) -> float:
@@ -27,7 +38,8 @@ class SpatialBN(nn.BatchNorm3d):
 
     Args:
         num_features: channel count ``C``.
-        eps: the original passes ``1.0000001e-5`` (``MODEL.BN_EPSILON`` / ``NONLOCAL.BN_EPSILON``).
+        eps: the original passes ``1.0000001e-5`` (``MODEL.BN_EPSILON`` / ``NONLOCAL.BN_EPSILON``);
+            it is rounded to float32 like every Caffe2 float argument.
         caffe2_momentum: Caffe2 convention (0.9 in every config); stored as PyTorch's ``1 - m``.
         init_gamma: initial value of ``weight`` (Caffe2 ``_s``).
     """
@@ -39,7 +51,9 @@ class SpatialBN(nn.BatchNorm3d):
         caffe2_momentum: float = 0.9,
         init_gamma: float = 1.0,
     ) -> None:
-        super().__init__(num_features, eps=eps, momentum=caffe2_to_torch_momentum(caffe2_momentum))
+        super().__init__(
+            num_features, eps=caffe2_float(eps), momentum=caffe2_to_torch_momentum(caffe2_momentum)
+        )
         # No counter: the original has no such blob, and momentum is never None here.
         self.num_batches_tracked = None
         nn.init.constant_(self.weight, init_gamma)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import AffineNd, SpatialBN
+from .layers import AffineNd, SpatialBN, caffe2_float
 
 __all__ = ["NonLocalBlock"]
 
@@ -74,6 +74,7 @@ class NonLocalBlock(nn.Module):
         self.dim_inner = dim_inner
         self.use_softmax = use_softmax
         self.use_scale = use_scale
+        self.scale = caffe2_float(dim_inner**-0.5)  # Caffe2's Scale takes a float32 argument
         self.group_size = group_size
 
         self.theta = nn.Conv3d(dim_in, dim_inner, 1, bias=bias)
@@ -115,7 +116,7 @@ class NonLocalBlock(nn.Module):
         affinity = torch.bmm(theta.transpose(1, 2), phi)  # (B, N, M)
         if self.use_softmax:
             if self.use_scale:
-                affinity = affinity * (c**-0.5)
+                affinity = affinity * self.scale
             p = F.softmax(affinity, dim=2)
         else:
             p = affinity / affinity.shape[2]
