@@ -30,8 +30,10 @@ so a graph is checked with exactly the rules it runs with.
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import math
+import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -68,6 +70,18 @@ __all__ = [
 # Upper bound on the column matrix of one convolution chunk (bytes). Large enough for efficient
 # BLAS products, small enough to keep a 128-frame float64 run within a few GiB.
 _COL_BUDGET_BYTES = 64 * 2**20
+
+
+_WORKERS = max(1, os.cpu_count() or 1)
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _copy_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """Threads that fill convolution column matrices (created on first use)."""
+    global _POOL
+    if _POOL is None:
+        _POOL = concurrent.futures.ThreadPoolExecutor(_WORKERS, thread_name_prefix="im2col")
+    return _POOL
 
 
 class Caffe2Error(ValueError):
@@ -201,25 +215,42 @@ def conv(
     cin_g, cout_g = c_in // group, c_out // group
     out_spatial = out_shape[2:]
     y = np.empty(out_shape, dtype=dtype)
-    pointwise = all(k == 1 for k in kernels) and all(s == 1 for s in strides)
     xp = _pad(x.astype(dtype, copy=False), heads, tails, 0.0)
+    # Kernels and pads only along the first spatial dim, stride 1 (the 1x1x1 and the temporal
+    # kx1x1 convs): every kernel offset reads a slice of whole frames, a strided *view* that
+    # BLAS takes as is, so the products accumulate without any column matrix.
+    frames_only = all(k == 1 for k in kernels[1:]) and not any(heads[1:]) and not any(tails[1:])
+    frames_only = frames_only and all(s == 1 for s in strides)
     for gi in range(group):
-        w2 = w[gi * cout_g : (gi + 1) * cout_g].reshape(cout_g, -1).astype(dtype, copy=False)
+        w_g = w[gi * cout_g : (gi + 1) * cout_g].astype(dtype, copy=False)
         xs = xp[:, gi * cin_g : (gi + 1) * cin_g]
         ys = y[:, gi * cout_g : (gi + 1) * cout_g]
-        if pointwise and not any(heads) and not any(tails):
-            # 1x1x1, stride 1: one matrix product per sample, straight into the output
-            flat = xs.reshape(n, cin_g, -1)
-            if ys.flags.c_contiguous:
-                np.matmul(w2, flat, out=ys.reshape(n, cout_g, -1))
-            else:
-                ys[...] = np.matmul(w2, flat).reshape(ys.shape)
-            continue
         for i in range(n):
-            _conv_sample(xs[i], w2, ys[i], kernels, strides, out_spatial)
+            if frames_only:
+                _conv_frames(xs[i], w_g, ys[i])
+            else:
+                _conv_sample(xs[i], w_g.reshape(cout_g, -1), ys[i], kernels, strides, out_spatial)
     if b is not None:
         y += b.astype(dtype, copy=False).reshape((1, c_out) + (1,) * ndim)
     return y
+
+
+def _conv_frames(xs: np.ndarray, w: np.ndarray, ys: np.ndarray) -> None:
+    """``ys = sum_a w[:, :, a] @ xs[:, a : a + T']`` over the temporal kernel offsets ``a``
+    (kernel ``(kt, 1, 1)``, stride 1, the input already padded in time)."""
+    c_out, c_in, kt = w.shape[:3]
+    t_out = ys.shape[1]
+    out = (
+        ys.reshape(c_out, -1) if ys.flags.c_contiguous else np.empty((c_out, ys[0].size), ys.dtype)
+    )
+    for a in range(kt):
+        frames = xs[:, a : a + t_out].reshape(c_in, -1)  # a view: whole frames are contiguous
+        if a == 0:
+            np.matmul(w[:, :, 0].reshape(c_out, c_in), frames, out=out)
+        else:
+            out += w[:, :, a].reshape(c_out, c_in) @ frames
+    if not ys.flags.c_contiguous:
+        ys[...] = out.reshape(ys.shape)
 
 
 def _conv_sample(
@@ -249,14 +280,21 @@ def _conv_sample(
         t1 = min(out_spatial[0], t0 + step)
         sizes = (t1 - t0, *out_spatial[1:])
         firsts = (t0, *(0 for _ in strides[1:]))
-        for offset in offsets:
-            # input index f*s + o = (f + o // s) * s + o % s: phase o % s, unit-stride window
-            phase = tuple(o % s for o, s in zip(offset, strides))
-            window = tuple(
-                slice(f + o // s, f + o // s + m)
-                for f, o, s, m in zip(firsts, offset, strides, sizes)
-            )
-            cols[(slice(None), *offset, slice(0, t1 - t0))] = phases[(slice(None), *phase, *window)]
+
+        def fill(part: list[tuple[int, ...]], firsts=firsts, sizes=sizes, t0=t0, t1=t1) -> None:
+            for offset in part:
+                # input index f*s + o = (f + o // s) * s + o % s: phase o % s, unit stride
+                phase = tuple(o % s for o, s in zip(offset, strides))
+                window = tuple(
+                    slice(f + o // s, f + o // s + m)
+                    for f, o, s, m in zip(firsts, offset, strides, sizes)
+                )
+                cols[(slice(None), *offset, slice(0, t1 - t0))] = phases[
+                    (slice(None), *phase, *window)
+                ]
+
+        # NumPy releases the GIL while copying: fill the column matrix on every core.
+        list(_copy_pool().map(fill, [offsets[k::_WORKERS] for k in range(_WORKERS)]))
         used = (t1 - t0) * math.prod(out_spatial[1:])
         if t1 - t0 < step:  # last, shorter chunk
             chunk = cols[(slice(None),) * (1 + len(kernels)) + (slice(0, t1 - t0),)]
