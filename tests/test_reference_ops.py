@@ -68,6 +68,19 @@ def test_conv_matches_direct_loops(strides, pads, group, bias):
     np.testing.assert_allclose(y, _loop_conv(x, w, b, strides, pads, group), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("group", [1, 2])
+def test_temporal_conv_matches_direct_loops(group):
+    # kernel (3, 1, 1), stride 1: the path that multiplies whole-frame views
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(2, 4, 5, 3, 4))
+    w = rng.normal(size=(6, 4 // group, 3, 1, 1))
+    b = rng.normal(size=6)
+    pads = (1, 0, 0, 2, 0, 0)  # head 1, tail 2: 5 + 3 - 3 + 1 = 6 output frames
+    y = ops.conv(x, w, b, kernels=[3, 1, 1], pads=pads, group=group)
+    assert y.shape == (2, 6, 6, 3, 4)
+    np.testing.assert_allclose(y, _loop_conv(x, w, b, (1, 1, 1), pads, group), rtol=1e-12)
+
+
 @pytest.mark.parametrize("strides", [(1, 1, 1), (1, 2, 2)])
 def test_conv_pointwise_and_chunked_paths(monkeypatch, strides):
     rng = np.random.default_rng(2)
