@@ -405,6 +405,13 @@ def test_keep_options():
     assert {"res4_5_branch2a", "nonlocal_conv4_5_affinity_prob", "nonlocal_conv4_5_sum"} <= set(out)
     out = run(graph, blobs, x, start="res4_5", stop="nonlocal_conv4_5")
     assert set(out) == {"res4_5", "nonlocal_conv4_5"}
+    # Buffers of dead values are reused in place; keeping every blob (no reuse) or only the
+    # last one gives the same result, and the caller's input is never modified.
+    x_before = x.copy()
+    everything = run(graph, blobs, x, start="res4_5", stop="nonlocal_conv4_5", keep="all")
+    np.testing.assert_array_equal(everything["nonlocal_conv4_5_sum"], out["nonlocal_conv4_5"])
+    np.testing.assert_array_equal(everything["res4_5_branch2c_bn"], out["res4_5"])
+    np.testing.assert_array_equal(x, x_before)
     with pytest.raises(KeyError, match="neither a checkpoint label nor a blob"):
         run(graph, blobs, x, start="res4_5", stop="res4_5", keep=["pool5"])
 

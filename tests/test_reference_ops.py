@@ -81,7 +81,7 @@ def test_temporal_conv_matches_direct_loops(group):
     np.testing.assert_allclose(y, _loop_conv(x, w, b, (1, 1, 1), pads, group), rtol=1e-12)
 
 
-@pytest.mark.parametrize("strides", [(1, 1, 1), (1, 2, 2)])
+@pytest.mark.parametrize("strides", [(1, 1, 1), (1, 2, 2), (2, 2, 2), (3, 1, 1)])
 def test_conv_pointwise_and_chunked_paths(monkeypatch, strides):
     rng = np.random.default_rng(2)
     x = rng.normal(size=(2, 5, 7, 4, 5))
@@ -90,10 +90,12 @@ def test_conv_pointwise_and_chunked_paths(monkeypatch, strides):
     expected = _loop_conv(x, w, b, strides, (0,) * 6, 1)
     y = ops.conv(x, w, b, kernels=[1, 1, 1], strides=strides, pads=[0] * 6)
     np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
-    # A tiny column budget forces several chunks, the last one shorter (7 = 2 + 2 + 2 + 1).
+    # A column budget of 2 output frames forces several chunks, the last one shorter for
+    # strides 1 (7 = 2 + 2 + 2 + 1) and 3 (3 = 2 + 1).
     w3 = rng.normal(size=(3, 5, 3, 3, 3))
     expected = _loop_conv(x, w3, b, strides, (1,) * 6, 1)
-    monkeypatch.setattr(ops, "_COL_BUDGET_BYTES", 2 * 5 * 27 * 4 * 5 * 8)
+    ho, wo = expected.shape[3:]
+    monkeypatch.setattr(ops, "_COL_BUDGET_BYTES", 2 * (5 * 9) * (ho * wo) * 8 * strides[0])
     y = ops.conv(x, w3, b, kernels=[3, 3, 3], strides=strides, pads=[1] * 6)
     np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
 

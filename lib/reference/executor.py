@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .graph import DATA, Graph, GraphError
-from .ops import OPERATORS, Caffe2Error
+from .ops import ELEMENTWISE_OUT, OPERATORS, Caffe2Error, release_scratch
 
 __all__ = ["ParameterError", "load_params", "run"]
 
@@ -132,6 +132,29 @@ def _keep_blobs(graph: Graph, keep: Keep, first: int, last: int) -> dict[str, st
     return result
 
 
+def _donatable(
+    env: Mapping[str, np.ndarray],
+    op,
+    index: int,
+    last_read: Mapping[str, int],
+    retained: set[str],
+    params: Mapping[str, np.ndarray],
+) -> bool:
+    """Whether the element-wise ``op`` may write into its first input's buffer: the value is not
+    read after this op and not returned (or Caffe2 overwrites that very blob, as its in-place
+    ops do), it is a parameter of nobody, and no other live blob views the same memory."""
+    name = op.inputs[0]
+    if name in params or name in op.inputs[1:]:
+        return False
+    # an op writing the blob it reads (Caffe2 in place) ends the old value's life
+    if op.outputs[0] != name and (last_read.get(name, -1) > index or name in retained):
+        return False
+    buffer = env[name]
+    if buffer.base is not None or not buffer.flags.writeable:
+        return False
+    return not any(np.may_share_memory(buffer, value) for key, value in env.items() if key != name)
+
+
 def run(
     graph: Graph,
     blobs: Mapping[str, object],
@@ -197,13 +220,27 @@ def run(
             last_read[name] = i
 
     env: dict[str, np.ndarray] = dict(params)
-    env[input_blob] = data.astype(dtype, copy=False)
+    env[input_blob] = data.astype(dtype, copy=True)  # ours: its buffer may be reused
     iterator = enumerate(ops)
     if progress:
         iterator = tqdm(iterator, total=len(ops), desc="reference", unit="op")
+    try:
+        _execute(ops, first, env, last_read, retained, params, iterator)
+    finally:
+        release_scratch()
+    logger.debug("ran %d ops of the %s net", len(ops), graph.split)
+    return {key: env[blob] for key, blob in wanted.items()}
+
+
+def _execute(ops, first, env, last_read, retained, params, iterator) -> None:
+    """Run ``ops`` on ``env`` in place, freeing every value after its last reader."""
     for i, op in iterator:
+        inputs = [env[name] for name in op.inputs]
+        extra = {}
+        if op.type in ELEMENTWISE_OUT and _donatable(env, op, i, last_read, retained, params):
+            extra["out"] = inputs[0]
         try:
-            result = OPERATORS[op.type](*(env[name] for name in op.inputs), **op.args)
+            result = OPERATORS[op.type](*inputs, **op.args, **extra)
         except Caffe2Error as e:
             raise GraphError(f"op #{first + i} {op}: {e}") from e
         results = result if isinstance(result, tuple) else (result,)
@@ -212,5 +249,3 @@ def run(
         for name in set(op.inputs) | set(op.outputs):
             if last_read.get(name, -1) <= i and name not in retained and name in env:
                 del env[name]
-    logger.debug("ran %d ops of the %s net", len(ops), graph.split)
-    return {key: env[blob] for key, blob in wanted.items()}

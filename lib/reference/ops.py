@@ -3,9 +3,10 @@
 Each operator is a plain function named after its Caffe2 type; positional parameters are the
 operator's inputs in Caffe2's order and keyword parameters are its arguments under their Caffe2
 names (``kernels``, ``strides``, ``pads``, ``epsilon``, ``trans_a``, ...), so an operator of a
-graph runs as ``OPERATORS[op.type](*inputs, **op.args)``. Operators never modify their inputs
-(Caffe2's in-place variants write a new array here), so a value captured from an earlier op stays
-valid.
+graph runs as ``OPERATORS[op.type](*inputs, **op.args)``. Operators never modify their inputs,
+except that the element-wise ones in :data:`ELEMENTWISE_OUT` accept ``out=``, which may be their
+first input: the executor passes a dead input's buffer there (as Caffe2's in-place ops do) to
+avoid allocating and zeroing fresh memory.
 
 Conventions that follow Caffe2 exactly (specification, section 3):
 
@@ -34,11 +35,13 @@ import concurrent.futures
 import itertools
 import math
 import os
+import threading
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 __all__ = [
+    "ELEMENTWISE_OUT",
     "OPERATORS",
     "SHAPE_RULES",
     "Caffe2Error",
@@ -56,6 +59,7 @@ __all__ = [
     "max_pool",
     "reduce_back_mean",
     "reduce_back_sum",
+    "release_scratch",
     "relu",
     "reshape",
     "reshape_target",
@@ -74,6 +78,25 @@ _COL_BUDGET_BYTES = 64 * 2**20
 
 _WORKERS = max(1, os.cpu_count() or 1)
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(key: str, shape: Shape, dtype) -> np.ndarray:
+    """A reusable per-thread work buffer (its contents are garbage): convolutions reuse their
+    column and product buffers instead of faulting in fresh memory for every call."""
+    size = math.prod(shape) * np.dtype(dtype).itemsize
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(key)
+    if buffer is None or buffer.size < size:
+        buffer = buffers[key] = np.empty(size, dtype=np.uint8)
+    return buffer[:size].view(dtype).reshape(shape)
+
+
+def release_scratch() -> None:
+    """Free this thread's work buffers (the executor calls it after a run)."""
+    _SCRATCH.__dict__.pop("buffers", None)
 
 
 def _copy_pool() -> concurrent.futures.ThreadPoolExecutor:
@@ -248,7 +271,8 @@ def _conv_frames(xs: np.ndarray, w: np.ndarray, ys: np.ndarray) -> None:
         if a == 0:
             np.matmul(w[:, :, 0].reshape(c_out, c_in), frames, out=out)
         else:
-            out += w[:, :, a].reshape(c_out, c_in) @ frames
+            term = _scratch("term", out.shape, out.dtype)
+            out += np.matmul(w[:, :, a].reshape(c_out, c_in), frames, out=term)
     if not ys.flags.c_contiguous:
         ys[...] = out.reshape(ys.shape)
 
@@ -272,8 +296,8 @@ def _conv_sample(
     rows = c * math.prod(kernels)
     per_step = rows * math.prod(out_spatial[1:]) * xs.itemsize
     step = min(out_spatial[0], max(1, _COL_BUDGET_BYTES // max(1, per_step)))
-    cols = np.empty((c, *kernels, step, *out_spatial[1:]), dtype=xs.dtype)
-    prod = np.empty((ys.shape[0], step * math.prod(out_spatial[1:])), dtype=ys.dtype)
+    cols = _scratch("cols", (c, *kernels, step, *out_spatial[1:]), xs.dtype)
+    prod = _scratch("prod", (ys.shape[0], step * math.prod(out_spatial[1:])), ys.dtype)
     offsets = list(itertools.product(*(range(k) for k in kernels)))
     phases = _stride_phases(xs, strides)
     for t0 in range(0, out_spatial[0], step):
@@ -423,6 +447,7 @@ def spatial_bn(
     *,
     epsilon: float = 1e-5,
     is_test: int = 1,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Caffe2 ``SpatialBN`` in test mode: ``(x - rm) / sqrt(riv + eps) * s + b`` per channel.
 
@@ -435,7 +460,7 @@ def spatial_bn(
     dtype = x.dtype
     eps = float32_arg(epsilon)
     inv_std = 1.0 / np.sqrt(riv.astype(dtype) + dtype.type(eps))
-    y = x - _per_channel(rm, x.ndim, dtype)
+    y = np.subtract(x, _per_channel(rm, x.ndim, dtype), out=out)
     y *= _per_channel(inv_std * s.astype(dtype), x.ndim, dtype)
     y += _per_channel(b, x.ndim, dtype)
     return y
@@ -446,17 +471,19 @@ def affine_nd_shape(x_shape, s_shape, b_shape, **_: object) -> Shape:
     return tuple(x_shape)
 
 
-def affine_nd(x: np.ndarray, s: np.ndarray, b: np.ndarray) -> np.ndarray:
+def affine_nd(
+    x: np.ndarray, s: np.ndarray, b: np.ndarray, *, out: np.ndarray | None = None
+) -> np.ndarray:
     """The project's ``AffineNd``: ``x * s[c] + b[c]`` over any trailing dims."""
     affine_nd_shape(_shape(x), _shape(s), _shape(b))
-    y = x * _per_channel(s, x.ndim, x.dtype)
+    y = np.multiply(x, _per_channel(s, x.ndim, x.dtype), out=out)
     y += _per_channel(b, x.ndim, x.dtype)
     return y
 
 
-def relu(x: np.ndarray) -> np.ndarray:
+def relu(x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
     """Caffe2 ``Relu``: ``max(x, 0)``."""
-    return np.maximum(x, x.dtype.type(0))
+    return np.maximum(x, x.dtype.type(0), out=out)
 
 
 def sum_shape(*shapes: Shape) -> Shape:
@@ -470,18 +497,18 @@ def sum_shape(*shapes: Shape) -> Shape:
     return tuple(shapes[0])
 
 
-def sum_(*xs: np.ndarray) -> np.ndarray:
+def sum_(*xs: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Caffe2 ``Sum``: element-wise sum of equally shaped inputs (no broadcasting)."""
     sum_shape(*(_shape(x) for x in xs))
-    y = np.array(xs[0], copy=True)
-    for x in xs[1:]:
+    y = np.add(xs[0], xs[1], out=out) if len(xs) > 1 else np.array(xs[0], copy=True)
+    for x in xs[2:]:
         y += x
     return y
 
 
-def scale(x: np.ndarray, *, scale: float = 1.0) -> np.ndarray:
+def scale(x: np.ndarray, *, scale: float = 1.0, out: np.ndarray | None = None) -> np.ndarray:
     """Caffe2 ``Scale``: ``Y = scale * X`` with ``scale`` a float32 argument."""
-    return x * x.dtype.type(float32_arg(scale))
+    return np.multiply(x, x.dtype.type(float32_arg(scale)), out=out)
 
 
 def _legacy_broadcast(a_shape: Shape, b_shape: Shape, broadcast: int, axis: int) -> Shape:
@@ -617,12 +644,15 @@ def _canonical_axis(axis: int, ndim: int, op: str) -> int:
     return axis % ndim
 
 
-def softmax(x: np.ndarray, *, axis: int = 1) -> np.ndarray:
+def softmax(x: np.ndarray, *, axis: int = 1, out: np.ndarray | None = None) -> np.ndarray:
     """Caffe2 ``Softmax``: the input is viewed as 2-D ``(prod(dims[:axis]), prod(dims[axis:]))``
     and normalised over the second factor (max-subtracted for stability)."""
     axis = _canonical_axis(axis, x.ndim, "Softmax")
     x2 = x.reshape(math.prod(x.shape[:axis]), -1)
-    e = np.exp(x2 - x2.max(axis=1, keepdims=True))
+    e = np.subtract(
+        x2, x2.max(axis=1, keepdims=True), out=None if out is None else out.reshape(x2.shape)
+    )
+    np.exp(e, out=e)
     e /= e.sum(axis=1, keepdims=True)
     return e.reshape(x.shape)
 
@@ -730,6 +760,9 @@ def _reshape_new_shape(x_shape: Shape, new_shape, shape) -> Shape:
 # --------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------
+
+# Operators whose ``out=`` may be their first input (same shape and dtype as the output).
+ELEMENTWISE_OUT = frozenset({"AffineNd", "Relu", "Scale", "Softmax", "SpatialBN", "Sum"})
 
 OPERATORS: dict[str, Callable[..., np.ndarray | tuple[np.ndarray, ...]]] = {
     "Add": add,
