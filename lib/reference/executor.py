@@ -6,6 +6,10 @@ the way the original's loader loads them into a test net (specification 1.2): by
 with its classifier rule (a ``pred*`` blob whose element count matches is reshaped, so ``pred_w``
 may be ``(K, 2048)`` or ``(K, 2048, 1, 1, 1)`` for either split); extra blobs (``lr``,
 ``model_iter``, ``*_momentum``, ...) are ignored.
+
+Memory: a value is freed after its last reader unless it is to be returned, and element-wise ops
+write into the buffer of an input whose value is dead (as Caffe2's in-place ops do), so a
+128-frame float64 forward stays under 2 GiB at batch 1 with ``keep=None``.
 """
 
 from __future__ import annotations

@@ -21,8 +21,9 @@ Conventions that follow Caffe2 exactly (specification, section 3):
   whatever the dtype of the computation.
 
 The computation runs in the dtype of the inputs (float64 for the reference runs). Convolutions
-are BLAS matrix products over chunks of an on-the-fly column matrix (no Python loop over
-positions); 1x1x1 stride-1 convolutions are a single matrix product.
+are BLAS matrix products (no Python loop over positions): 1x1x1 and temporal ``kx1x1`` stride-1
+kernels multiply strided views of whole input frames; other kernels fill a column matrix chunk by
+chunk, one block copy per kernel offset, on every core.
 
 Every shape rule lives in one ``*_shape`` helper that the operator itself calls first; the graph's
 shape inference (:meth:`nonlocal_net.reference.graph.Graph.infer_shapes`) calls the same helpers,
@@ -71,15 +72,13 @@ __all__ = [
     "transpose",
 ]
 
+Shape = tuple[int, ...]
+
 # Upper bound on the column matrix of one convolution chunk (bytes). Large enough for efficient
 # BLAS products, small enough to keep a 128-frame float64 run within a few GiB.
 _COL_BUDGET_BYTES = 64 * 2**20
-
-
 _WORKERS = max(1, os.cpu_count() or 1)
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
-
-
 _SCRATCH = threading.local()
 
 
@@ -109,9 +108,6 @@ def _copy_pool() -> concurrent.futures.ThreadPoolExecutor:
 
 class Caffe2Error(ValueError):
     """An input that Caffe2 would reject (its ``CAFFE_ENFORCE`` failures)."""
-
-
-Shape = tuple[int, ...]
 
 
 def float32_arg(value: float) -> float:
