@@ -227,21 +227,27 @@ def _conv1x1(blobs, name, x):
     return y
 
 
-def nonlocal_formula(x, blobs, prefix, *, softmax=True, bn=True, reshape_batch=None):
-    """Embedded Gaussian (or dot product) non-local block plus the residual, spec 4.5.
-
-    ``reshape_batch`` reproduces the original's explicit-batch reshape of theta/phi/g."""
+def nonlocal_formula(
+    x, blobs, prefix, *, softmax=True, scale=True, maxpool=True, bn=True, affine=False,
+    reshape_batch=None,
+):  # fmt: skip
+    """Embedded Gaussian (or dot product) non-local block plus the residual, spec 4.5; biases
+    where ``blobs`` has them. ``reshape_batch`` reproduces the original's explicit-batch
+    reshape of theta/phi/g."""
     b, c, t, h, w = x.shape
     ci = c // 2
     theta = _conv1x1(blobs, f"{prefix}_theta", x)
-    pooled = x[:, :, :, : h // 2 * 2, : w // 2 * 2].reshape(b, c, t, h // 2, 2, w // 2, 2)
-    pooled = pooled.max(axis=(4, 6))
+    pooled = x
+    if maxpool:  # 1x2x2 windows, floor
+        pooled = x[:, :, :, : h // 2 * 2, : w // 2 * 2].reshape(b, c, t, h // 2, 2, w // 2, 2)
+        pooled = pooled.max(axis=(4, 6))
     phi, g = _conv1x1(blobs, f"{prefix}_phi", pooled), _conv1x1(blobs, f"{prefix}_g", pooled)
     rb = b if reshape_batch is None else reshape_batch
     theta, phi, g = (a.reshape(rb, ci, -1) for a in (theta, phi, g))
     affinity = np.einsum("bcn,bcm->bnm", theta, phi)
     if softmax:
-        affinity = affinity * float(np.float32(ci**-0.5))  # the float32 Scale argument
+        if scale:
+            affinity = affinity * float(np.float32(ci**-0.5))  # the float32 Scale argument
         p = np.exp(affinity - affinity.max(axis=2, keepdims=True))
         p /= p.sum(axis=2, keepdims=True)
     else:
@@ -254,6 +260,9 @@ def nonlocal_formula(x, blobs, prefix, *, softmax=True, bn=True, reshape_batch=N
         )
         z = (z - rm[:, None, None, None]) / np.sqrt(riv[:, None, None, None] + EPS32)
         z = z * s[:, None, None, None] + beta[:, None, None, None]
+    if affine:
+        s, beta = (blobs[f"{prefix}_bn_{k}"].astype(float) for k in ("s", "b"))
+        z = z * s[:, None, None, None] + beta[:, None, None, None]
     return x + z
 
 
@@ -261,13 +270,27 @@ def _layer(graph, blobs, x, label, **kwargs):
     return run(graph, blobs, x, start=label, stop=label, keep=[label], **kwargs)[label]
 
 
-@pytest.mark.parametrize("softmax", [True, False])
-def test_nonlocal_block_matches_formula(softmax):
-    graph = _graph(NL_8X8, "val", ["NONLOCAL.USE_SOFTMAX", str(softmax)])
+@pytest.mark.parametrize(
+    "overrides, flags",
+    [
+        ([], {}),
+        (["NONLOCAL.USE_SOFTMAX", "False"], {"softmax": False}),  # dot product
+        (["NONLOCAL.USE_SCALE", "False"], {"scale": False}),
+        (["NONLOCAL.USE_MAXPOOL", "False"], {"maxpool": False}),
+        (["NONLOCAL.NO_BIAS", "1"], {}),
+        (
+            ["NONLOCAL.USE_BN", "False", "NONLOCAL.USE_AFFINE", "True"],
+            {"bn": False, "affine": True},
+        ),
+        (["NONLOCAL.USE_AFFINE", "True"], {"affine": True}),  # BN then affine, shared blobs
+    ],
+)
+def test_nonlocal_block_matches_formula(overrides, flags):
+    graph = _graph(NL_8X8, "val", overrides)
     blobs = make_blobs(_inventory(graph), seed=1)
-    x = np.random.default_rng(2).normal(size=(2, 512, 2, 4, 6))
+    x = np.random.default_rng(2).normal(size=(2, 512, 2, 5, 6))  # odd H: the pool's floor
     y = _layer(graph, blobs, x, "nonlocal_conv3_1")
-    expected = nonlocal_formula(x, blobs, "nonlocal_conv3_1", softmax=softmax)
+    expected = nonlocal_formula(x, blobs, "nonlocal_conv3_1", **flags)
     np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
     assert not np.allclose(y, x, atol=1e-3)  # the block contributes
 
