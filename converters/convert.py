@@ -317,7 +317,7 @@ def _as_float32(name: str, value: Any, problems: _Problems) -> np.ndarray | None
     if value.dtype != np.float32:  # the original casts every blob to float32 when loading
         logger.info("%s: cast from %s to float32", name, value.dtype)
         return value.astype(np.float32)
-    arr = np.ascontiguousarray(value)
+    arr = np.require(value, requirements="C")  # keeps 0-d arrays 0-d
     return arr if arr.flags.writeable else arr.copy()
 
 

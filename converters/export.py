@@ -62,7 +62,7 @@ def state_dict_to_blobs(
                 value = value.float()
             arr = value.contiguous().numpy()
         else:
-            arr = np.ascontiguousarray(value, dtype=np.float32)
+            arr = np.require(value, dtype=np.float32, requirements="C")
         name = try_state_dict_key_to_blob(key)
         if name == "pred_w" and arr.ndim == 5:
             arr = arr.reshape(arr.shape[:2])  # test conv (K, 2048, 1, 1, 1) -> FC (K, 2048)

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .errors import Caffe2FormatError
-from .safe_pickle import LazyArray, SafeUnpickler
-from .sniff import describe_file_head, looks_like_pickle
+from .errors import Caffe2FormatError, UnsafePickleError
+from .safe_pickle import PICKLE_OPCODES, LazyArray, SafeUnpickler
+from .sniff import describe_file_head, describe_known_format, looks_like_pickle
 
 __all__ = [
     "MOMENTUM_SUFFIX",
@@ -143,6 +143,12 @@ def _number(path: str, name: str, value: Any, kind: type) -> Any:
     return kind(value)
 
 
+def _not_a_pickle(path: str, head: bytes) -> Caffe2FormatError:
+    return Caffe2FormatError(
+        f"{path}: not a Caffe2 checkpoint (a Python pickle): it is {describe_file_head(head, path)}"
+    )
+
+
 def _open_checked(path: str) -> int:
     try:
         if os.path.isdir(path):
@@ -169,14 +175,22 @@ def read_caffe2_pkl(path: str | os.PathLike, *, load_momentum: bool = True) -> C
     size = _open_checked(path)
     with open(path, "rb", buffering=1 << 16) as f:
         head = f.read(4096)
-        if not looks_like_pickle(head):
-            raise Caffe2FormatError(
-                f"{path}: not a Caffe2 checkpoint (a Python pickle): it is "
-                f"{describe_file_head(head, path)}"
-            )
+        plausible = looks_like_pickle(head)
+        if describe_known_format(head, path) is not None or (
+            not plausible and head[:1] not in PICKLE_OPCODES
+        ):
+            raise _not_a_pickle(path, head)
         f.seek(0)
         unpickler = SafeUnpickler(f, path, size)
-        top = unpickler.load()
+        try:
+            top = unpickler.load()
+        except UnsafePickleError:
+            raise
+        except Caffe2FormatError as e:
+            if plausible:
+                raise
+            # starts with an opcode byte but is no pickle: say what it looks like
+            raise _not_a_pickle(path, head) from e
         if not isinstance(top, dict):
             raise Caffe2FormatError(
                 f"{path}: the pickle holds a {type(top).__name__}, not a dict of blobs"

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import codecs
 import math
+import pickletools
 import re
 import struct
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ import numpy as np
 
 from .errors import Caffe2FormatError, UnsafePickleError
 
-__all__ = ["ALLOWED_GLOBALS", "LazyArray", "LazyBytes", "SafeUnpickler"]
+__all__ = ["ALLOWED_GLOBALS", "PICKLE_OPCODES", "LazyArray", "LazyBytes", "SafeUnpickler"]
 
 # Payloads at least this long are skipped and read later into the array's memory.
 LAZY_MIN_BYTES = 1 << 16
@@ -55,6 +56,9 @@ ALLOWED_GLOBALS: dict[tuple[str, str], str] = {
     ("numpy._core.numeric", "_frombuffer"): "frombuffer",
     ("_codecs", "encode"): "codecs_encode",
 }
+
+# Every opcode byte of any pickle protocol (what a pickle can start with).
+PICKLE_OPCODES = frozenset(op.code.encode("latin-1") for op in pickletools.opcodes)
 
 # Numeric dtypes only: booleans, integers, floats, complex (numpy's pickled type strings).
 _NUMERIC_TYPESTR = re.compile(r"(b1|[iu][1248]|f[248]|c(8|16))")

@@ -11,7 +11,7 @@ import struct
 import zipfile
 import zlib
 
-__all__ = ["describe_file_head", "looks_like_pickle"]
+__all__ = ["describe_file_head", "describe_known_format", "looks_like_pickle"]
 
 _HTML_STARTS = (b"<!doctype html", b"<html", b"<head", b"<body", b"<!--")
 
@@ -63,9 +63,10 @@ def _printable(data: bytes) -> bool:
     return all(32 <= b < 127 or b in (9, 10, 13) for b in data)
 
 
-def describe_file_head(head: bytes, path: str | None = None) -> str:
-    """A short description of a file from its first bytes (up to a few KiB), e.g. "an HTML page
-    ...: the download failed". ``path`` lets zip archives be inspected further."""
+def describe_known_format(head: bytes, path: str | None = None) -> str | None:
+    """A description of ``head`` if it starts with the signature of a known non-pickle format
+    (archives, compressed data, HTML/XML pages, ...), else ``None``. ``path`` lets zip archives
+    be inspected further."""
     if not head:
         return "an empty file (0 bytes): the download failed or was interrupted"
     lowered = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
@@ -103,14 +104,17 @@ def describe_file_head(head: bytes, path: str | None = None) -> str:
         (length,) = struct.unpack("<Q", head[:8])
         if 0 < length < 100_000_000:
             return "a safetensors file, not a Caffe2 checkpoint"
+    return None
+
+
+def describe_file_head(head: bytes, path: str | None = None) -> str:
+    """A short description of a file from its first bytes (up to a few KiB), e.g. "an HTML page
+    ...: the download failed"."""
+    known = describe_known_format(head, path)
+    if known is not None:
+        return known
     sample = head[:64]
     if _printable(sample):
         text = sample.decode("ascii").splitlines()[0][:40] if sample.strip() else ""
         return f"a text file (it starts with {text!r}), not a Caffe2 checkpoint"
     return f"unrecognised binary data (it starts with bytes {head[:8].hex(' ')}), not a pickle"
-
-
-def read_head(path: str, size: int = 4096) -> bytes:
-    """The first ``size`` bytes of a file."""
-    with open(path, "rb") as f:
-        return f.read(size)

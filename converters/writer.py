@@ -225,7 +225,7 @@ class _Py2Pickler:
             raise ValueError(f"only numeric arrays can be written, got dtype {dtype}")
         fortran = arr.ndim > 1 and arr.flags.f_contiguous and not arr.flags.c_contiguous
         if not (arr.flags.c_contiguous or fortran):
-            arr = np.ascontiguousarray(arr)
+            arr = np.require(arr, requirements="C")
         self._global("numpy.core.multiarray", "_reconstruct")
         if self.binary:
             self._global("numpy", "ndarray")
