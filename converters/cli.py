@@ -153,7 +153,7 @@ def _run(args: argparse.Namespace) -> int:
             model_iter=args.model_iter,
         )
         print(
-            f"{args.src} -> {result.path}: {len(result.blobs) - 1} blobs, lr {result.lr:.6g}, "
+            f"{args.src} -> {result.path}: {len(result.blobs)} blobs, lr {result.lr:.6g}, "
             f"pickle protocol {result.protocol}, {'wrapped' if result.wrapped else 'flat'}"
         )
         return 0

@@ -36,7 +36,7 @@ class Caffe2Export:
     """What :func:`export_caffe2` wrote."""
 
     path: str
-    blobs: dict[str, tuple[int, ...]]
+    blobs: dict[str, tuple[int, ...]]  # parameter blobs (without lr / model_iter)
     lr: float
     model_iter: int | None
     protocol: int
@@ -107,7 +107,8 @@ def export_caffe2(
         model_iter: write a ``model_iter`` entry (omitted by default).
     """
     state_dict, meta, cfg, name = _load_source(source)
-    blobs: dict[str, Any] = state_dict_to_blobs(state_dict, source=name)
+    params = state_dict_to_blobs(state_dict, source=name)
+    blobs: dict[str, Any] = dict(params)
     if lr is None:
         lr = meta.get("source_lr")
     if lr is None:
@@ -116,6 +117,6 @@ def export_caffe2(
     if model_iter is not None:
         blobs["model_iter"] = int(model_iter)
     write_caffe2_pkl(blobs, pkl_path, protocol=protocol, wrapped=wrapped)
-    shapes = {k: tuple(v.shape) for k, v in blobs.items() if isinstance(v, np.ndarray)}
-    logger.info("wrote %s: %d blobs, lr %.6g", os.fspath(pkl_path), len(shapes) - 1, float(lr))
+    shapes = {k: tuple(v.shape) for k, v in params.items()}
+    logger.info("wrote %s: %d blobs, lr %.6g", os.fspath(pkl_path), len(shapes), float(lr))
     return Caffe2Export(os.fspath(pkl_path), shapes, float(lr), model_iter, protocol, wrapped)
