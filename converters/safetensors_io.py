@@ -17,7 +17,7 @@ import torch
 from yacs.config import CfgNode
 
 from ..models.checkpoint import FORMAT, CheckpointError, cfg_to_dict
-from ..utils.io import atomic_write
+from ..utils.io import atomic_path
 
 __all__ = ["load_safetensors_checkpoint", "save_safetensors_checkpoint"]
 
@@ -48,9 +48,8 @@ def save_safetensors_checkpoint(
         "cfg": json.dumps(cfg_to_dict(cfg), sort_keys=True),
         "meta": json.dumps(dict(meta or {}), sort_keys=True),
     }
-    data = st.save(tensors, metadata=metadata)
-    with atomic_write(path) as f:
-        f.write(data)
+    with atomic_path(path) as tmp:  # save_file streams the tensors (no copy in memory)
+        st.save_file(tensors, tmp, metadata=metadata)
 
 
 def load_safetensors_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
