@@ -162,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Source: a checkpoint shaped like the released `{MODEL}.pkl` (R50 I3D with 5 non-local "
         f"blocks: {n_blobs} entries = every parameter and BN statistic, a momentum blob per "
         f"trainable parameter, `lr`, `model_iter`; pickle protocol 2, wrapped), "
-        f"**{size_mib:.0f} MiB**. Each row is a fresh process (`python -m "
-        f"nonlocal_net.converters ...`); time is the median of {args.repeats} runs, peak is the "
-        f"largest resident set size (`ru_maxrss`) among them.",
+        f"**{size_mib:.0f} MiB**. Each row is a fresh Python process (`python -m "
+        f"nonlocal_net.converters ...` or `python -c ...`); time is the median of "
+        f"{args.repeats} runs, peak is the largest resident set size (`ru_maxrss`) among them.",
         "",
         "| operation | seconds | peak RSS (MiB) | peak / file size | (peak - import) / file size |",
         "| --- | ---: | ---: | ---: | ---: |",

@@ -34,6 +34,22 @@ from ..models.model_builder import build_model, get_cfg
 from .errors import ConversionError
 from .names import is_nonlocal_key, state_dict_key_to_blob, try_blob_to_state_dict_key
 from .reader import MOMENTUM_SUFFIX, SCALAR_ENTRIES
+from .report import (
+    DROPPED,
+    FOLDED,
+    FOLDED_IN,
+    IGNORED,
+    INFLATED,
+    INITIALISED,
+    LOADED,
+    RESHAPED,
+    UNKNOWN,
+    BlobRow,
+    ConversionReport,
+    ConversionResult,
+    fmt_shape,
+    shape_of,
+)
 from .transforms import fold_bn, inflate_weight
 
 __all__ = [
@@ -49,17 +65,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CfgLike = CfgNode | str | os.PathLike
-
-# Row actions.
-LOADED = "loaded"
-RESHAPED = "reshaped"  # pred_w between FC (K, 2048) and conv (K, 2048, 1, 1, 1)
-INFLATED = "inflated"  # 2-D -> 3-D
-FOLDED = "folded"  # BN -> affine (_s/_b rows); _rm/_riv rows are FOLDED_IN
-FOLDED_IN = "folded in"
-IGNORED = "ignored"
-DROPPED = "dropped"
-INITIALISED = "initialised, not in file"
-MAPPED_ACTIONS = (LOADED, RESHAPED, INFLATED, FOLDED)
 
 
 @dataclass(frozen=True)
@@ -103,154 +108,6 @@ def describe_cfg(cfg: CfgNode) -> str:
         f"), {cfg.MODEL.NUM_CLASSES} classes, {'frozen affine' if cfg.MODEL.USE_AFFINE else 'BN'}"
         f", non-local {'+'.join(places) if places else 'none'}"
     )
-
-
-def _shape(value: Any) -> tuple[int, ...] | None:
-    shape = getattr(value, "shape", None)
-    return tuple(int(d) for d in shape) if shape is not None else None
-
-
-def _fmt(shape: tuple[int, ...] | None) -> str:
-    return "-" if shape is None else str(tuple(shape))
-
-
-@dataclass
-class BlobRow:
-    """One line of the mapping table."""
-
-    blob: str
-    key: str | None
-    file_shape: tuple[int, ...] | None
-    model_shape: tuple[int, ...] | None
-    action: str
-    detail: str = ""
-
-
-@dataclass
-class ConversionReport:
-    """What a conversion did, blob by blob.
-
-    ``rows`` has one entry per blob of the file and one per model tensor that did not come from
-    the file (``initialised``); :meth:`counts` summarises it, :meth:`format_table` prints it.
-    """
-
-    model: str
-    rows: list[BlobRow] = field(default_factory=list)
-    source: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def _with(self, *actions: str) -> list[BlobRow]:
-        return [r for r in self.rows if r.action in actions]
-
-    @property
-    def mapped(self) -> list[BlobRow]:
-        """Blobs loaded into the model (as is, reshaped, inflated or folded)."""
-        return self._with(*MAPPED_ACTIONS)
-
-    @property
-    def ignored(self) -> list[BlobRow]:
-        return self._with(IGNORED)
-
-    @property
-    def folded_layers(self) -> list[str]:
-        """Blob prefixes (``res2_0_branch2a_bn``) of the BN layers folded into affines."""
-        return [r.blob[:-2] for r in self.rows if r.action == FOLDED and r.blob.endswith("_s")]
-
-    @property
-    def inflated(self) -> list[str]:
-        return [r.blob for r in self._with(INFLATED)]
-
-    @property
-    def dropped(self) -> list[str]:
-        return [r.blob for r in self._with(DROPPED)]
-
-    @property
-    def initialised(self) -> list[str]:
-        """State_dict keys that kept the model's initial values (not in the file)."""
-        return [r.key for r in self._with(INITIALISED) if r.key]
-
-    def counts(self) -> dict[str, int]:
-        """Numbers of blobs per outcome (the ``counts`` entry of a converted file's meta)."""
-        ignored = self.ignored
-        return {
-            "file_blobs": sum(r.action != INITIALISED for r in self.rows),
-            "mapped": len(self.mapped),
-            "loaded": len(self._with(LOADED)),
-            "reshaped": len(self._with(RESHAPED)),
-            "inflated": len(self._with(INFLATED)),
-            "folded_layers": len(self.folded_layers),
-            "ignored_momentum": sum(r.blob.endswith(MOMENTUM_SUFFIX) for r in ignored),
-            "ignored_lr": sum(r.blob == "lr" for r in ignored),
-            "ignored_model_iter": sum(r.blob == "model_iter" for r in ignored),
-            "ignored_epoch": sum(r.blob == "epoch" for r in ignored),
-            "dropped": len(self._with(DROPPED)),
-            "initialised": len(self._with(INITIALISED)),
-        }
-
-    def to_meta(self) -> dict[str, Any]:
-        """The report as plain data for a converted file's ``meta``."""
-        return {
-            "model": self.model,
-            "counts": self.counts(),
-            "folded_layers": self.folded_layers,
-            "inflated": self.inflated,
-            "dropped": self.dropped,
-            "initialised": self.initialised,
-            "options": dict(self.options),
-        }
-
-    def summary(self) -> str:
-        """A few lines for the log / the command line."""
-        c = self.counts()
-        lines = [
-            f"{self.source or 'blobs'} -> {self.model}",
-            f"  {c['mapped']} blobs loaded into the model's {c['mapped'] + c['initialised']} "
-            f"tensors ({c['loaded']} as stored, {c['reshaped']} reshaped, {c['inflated']} "
-            f"inflated 2-D -> 3-D, {2 * c['folded_layers']} folded from "
-            f"{c['folded_layers']} BN layers)",
-            "  not loaded (bookkeeping): "
-            + (
-                ", ".join(r.detail for r in self.ignored if not r.blob.endswith(MOMENTUM_SUFFIX))
-                or "no lr/model_iter"
-            )
-            + f", {c['ignored_momentum']} momentum blobs",
-        ]
-        if c["dropped"]:
-            lines.append(f"  dropped from the file: {', '.join(self.dropped)}")
-        if c["initialised"]:
-            lines.append(
-                f"  initialised, not in file ({c['initialised']}): {', '.join(self.initialised)}"
-            )
-        return "\n".join(lines)
-
-    def format_table(self) -> str:
-        """The full mapping table: blob, file shape, state_dict key, model shape, action."""
-        header = ("blob", "file shape", "state_dict key", "model shape", "action")
-        body = [
-            (
-                r.blob,
-                _fmt(r.file_shape),
-                r.key or "-",
-                _fmt(r.model_shape),
-                r.action + (f" ({r.detail})" if r.detail else ""),
-            )
-            for r in self.rows
-        ]
-        widths = [max(len(row[i]) for row in [header, *body]) for i in range(4)]
-        lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)) + "  " + header[4]]
-        lines.append("  ".join("-" * w for w in widths) + "  " + "-" * len(header[4]))
-        for row in body:
-            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4])
-        return "\n".join(lines)
-
-
-@dataclass
-class ConversionResult:
-    """The converted weights (tensors share memory with the input arrays where no
-    transformation was needed) and the report."""
-
-    state_dict: dict[str, torch.Tensor]
-    report: ConversionReport
 
 
 def _ignored_kind(name: str) -> str | None:
@@ -321,6 +178,22 @@ def _as_float32(name: str, value: Any, problems: _Problems) -> np.ndarray | None
     return arr if arr.flags.writeable else arr.copy()
 
 
+@dataclass
+class _Work:
+    """The state of one conversion, passed through its steps."""
+
+    targets: dict[str, Target]
+    where: str
+    model: str
+    inflate: bool
+    init_mode: bool  # inflate or finetune: preparing a model for training
+    rows: dict[str, BlobRow] = field(default_factory=dict)
+    arrays: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict)  # key -> blob, value
+    stats: dict[str, dict[str, tuple[str, np.ndarray]]] = field(default_factory=dict)
+    problems: _Problems = field(default_factory=_Problems)
+    init_keys: list[str] = field(default_factory=list)
+
+
 def convert_blobs(
     blobs: Mapping[str, Any],
     cfg: CfgLike,
@@ -347,72 +220,89 @@ def convert_blobs(
         source: the file the blobs came from, for messages and the report.
 
     Returns:
-        The state_dict (every key of the model, ``pred.weight`` as ``(K, 2048)``) and the report.
+        The state_dict (every key of the model, ``pred.weight`` as ``(K, 2048)``; tensors share
+        memory with the input arrays where nothing had to change) and the report.
 
     Raises:
         ConversionError: listing every unknown blob, missing tensor and shape mismatch.
     """
     cfg = get_cfg(cfg)
-    where = os.fspath(source) if source is not None else "blobs"
-    model_desc = describe_cfg(cfg)
-    targets = model_targets(cfg)
-    init_mode = inflate or finetune
+    work = _Work(
+        targets=model_targets(cfg),
+        where=os.fspath(source) if source is not None else "blobs",
+        model=describe_cfg(cfg),
+        inflate=inflate,
+        init_mode=inflate or finetune,
+    )
+    _classify(work, blobs)
+    _fold(work, fold_bn)
+    _classifier(work)
+    _shapes(work)
+    headline = _missing(work)
+    if work.problems:
+        raise work.problems.error(work.where, work.model, headline)
+    state_dict = _assemble(work, cfg)
     report = ConversionReport(
-        model=model_desc,
-        source=os.path.basename(where) if source is not None else None,
+        model=work.model,
+        rows=list(work.rows.values()),
+        source=os.path.basename(work.where) if source is not None else None,
         options={"inflate": inflate, "finetune": finetune, "fold_bn": fold_bn},
     )
-    problems = _Problems()
-    rows: dict[str, BlobRow] = {}
-    arrays: dict[str, tuple[str, np.ndarray]] = {}  # key -> (blob, float32 array)
-    stats: dict[str, dict[str, tuple[str, np.ndarray]]] = {}  # affine owner -> rm/riv blobs
+    _log(work, report)
+    return ConversionResult(state_dict, report)
 
-    # 1. Classify every entry of the file.
+
+def _classify(work: _Work, blobs: Mapping[str, Any]) -> None:
+    """Sort every entry of the file: ignored bookkeeping, a model tensor, BN statistics of a
+    frozen affine (to fold), or a blob the model has no place for."""
+    targets, problems = work.targets, work.problems
     for name, value in blobs.items():
         kind = _ignored_kind(name)
         if kind is not None:
             detail = _describe_ignored(kind, value)
-            rows[name] = BlobRow(name, None, _shape(value), None, IGNORED, detail)
+            work.rows[name] = BlobRow(name, None, shape_of(value), None, IGNORED, detail)
             continue
         key = try_blob_to_state_dict_key(name)
-        owner, _, leaf = (key or "").rpartition(".")
         target = targets.get(key) if key else None
+        owner, _, leaf = (key or "").rpartition(".")
         if target is None and leaf in ("running_mean", "running_var"):
-            affine_key = f"{owner}.weight"
-            if affine_key in targets and targets[affine_key].layer == "affine":
+            affine = targets.get(f"{owner}.weight")
+            if affine is not None and affine.layer == "affine":
                 arr = _as_float32(name, value, problems)
                 if arr is not None:
-                    stats.setdefault(owner, {})[leaf] = (name, arr)
-                rows[name] = BlobRow(name, key, _shape(value), None, FOLDED_IN)
+                    work.stats.setdefault(owner, {})[leaf] = (name, arr)
+                work.rows[name] = BlobRow(name, key, shape_of(value), None, FOLDED_IN)
                 continue
         if target is None:
-            problems.unknown.append(f"{name} {_fmt(_shape(value))}")
-            rows[name] = BlobRow(name, key, _shape(value), None, "unknown")
+            problems.unknown.append(f"{name} {fmt_shape(shape_of(value))}")
+            work.rows[name] = BlobRow(name, key, shape_of(value), None, UNKNOWN)
             continue
         arr = _as_float32(name, value, problems)
-        rows[name] = BlobRow(name, key, _shape(value), target.shape, LOADED)
+        work.rows[name] = BlobRow(name, key, shape_of(value), target.shape, LOADED)
         if arr is not None:
-            arrays[key] = (name, arr)
-
+            work.arrays[key] = (name, arr)
     if any(u.startswith("nonlocal_conv") for u in problems.unknown):
         problems.hints.append(
             "the file has non-local blocks (or non-local BN / bias blobs) the model lacks: check "
             "the model name or NONLOCAL.CONV3_NONLOCAL / CONV4_NONLOCAL / USE_BN / NO_BIAS"
         )
 
-    # 2. Fold BN statistics into affines (specification 1.3).
-    affine_owners = {k.rsplit(".", 1)[0] for k, t in targets.items() if t.layer == "affine"}
-    if stats and fold_bn is False:
-        for owner in stats:
-            for name, arr in stats[owner].values():
-                problems.unknown.append(f"{name} {_fmt(arr.shape)}")
-                rows[name].action = "unknown"
+
+def _fold(work: _Work, fold_bn: bool | None) -> None:
+    """Fold BN statistics into the frozen affines (specification 1.3), or refuse to."""
+    problems = work.problems
+    affine_owners = {k.rsplit(".", 1)[0] for k, t in work.targets.items() if t.layer == "affine"}
+    if work.stats and fold_bn is False:
+        for found in work.stats.values():
+            for name, arr in found.values():
+                problems.unknown.append(f"{name} {fmt_shape(arr.shape)}")
+                work.rows[name].action = UNKNOWN
         problems.hints.append(
             "the file holds BN running statistics for the model's frozen affines; fold them "
             "(fold_bn=None/True, the command line's default) as the original's conversion did"
         )
-        stats = {}
-    if fold_bn is True and not stats:
+        work.stats = {}
+    if fold_bn is True and not work.stats:
         problems.invalid.append(
             "fold_bn=True but "
             + (
@@ -421,103 +311,117 @@ def convert_blobs(
                 else "the file holds no BN running statistics (_bn_rm/_bn_riv) to fold"
             )
         )
-    if stats:
-        _fold_all(stats, affine_owners, arrays, rows, problems)
+    if work.stats:
+        _fold_all(work.stats, affine_owners, work.arrays, work.rows, problems)
 
-    # 3. The classifier: same class count -> reshape between FC and conv forms; another count ->
-    # dropped with inflate/finetune (the original's "found but unmatching (not loaded)").
-    num_classes = targets["pred.bias"].shape[0]
+
+def _classifier(work: _Work) -> None:
+    """``pred``: the same class count reshapes between FC and conv forms; another count is
+    dropped when initialising for training (the original's "found but unmatching (not
+    loaded)"), an error otherwise."""
+    num_classes = work.targets["pred.bias"].shape[0]
     for key in ("pred.weight", "pred.bias"):
-        if key not in arrays:
+        if key not in work.arrays:
             continue
-        name, arr = arrays[key]
-        valid_form = (
-            (arr.ndim == 1) if key == "pred.bias" else (arr.shape[1:] in ((2048,), (2048, 1, 1, 1)))
-        )
+        name, arr = work.arrays[key]
+        row = work.rows[name]
+        if key == "pred.bias":
+            valid_form = arr.ndim == 1
+        else:
+            valid_form = arr.shape[1:] in ((2048,), (2048, 1, 1, 1))
         if valid_form and arr.shape[0] != num_classes:
-            if init_mode:
-                rows[name].action = DROPPED
-                rows[name].detail = f"{arr.shape[0]} classes, the model has {num_classes}"
-                del arrays[key]
+            if work.init_mode:
+                row.action = DROPPED
+                row.detail = f"{arr.shape[0]} classes, the model has {num_classes}"
+                del work.arrays[key]
                 continue
-            problems.hints.append(
+            work.problems.hints.append(
                 f"the file's classifier has {arr.shape[0]} classes, the model {num_classes}: "
                 f"set MODEL.NUM_CLASSES {arr.shape[0]}, or pass finetune=True (--finetune) to "
                 f"drop it and keep the model's initial classifier"
             )
-        if key == "pred.weight" and valid_form and arr.shape[0] == num_classes and arr.ndim == 5:
-            arrays[key] = (name, arr.reshape(targets[key].shape))
-            rows[name].action = RESHAPED
-            rows[name].detail = "test conv -> FC"
+        elif key == "pred.weight" and valid_form and arr.ndim == 5:
+            work.arrays[key] = (name, arr.reshape(work.targets[key].shape))
+            row.action = RESHAPED
+            row.detail = "test conv -> FC"
 
-    # 4. Shapes, with 2-D -> 3-D inflation (specification 1.2).
+
+def _shapes(work: _Work) -> None:
+    """Check every shape; inflate 2-D weights into 3-D ones (specification 1.2) if asked to."""
     two_d = 0
-    for key, (name, arr) in list(arrays.items()):
-        shape = targets[key].shape
+    for key, (name, arr) in list(work.arrays.items()):
+        shape = work.targets[key].shape
         if arr.shape == shape:
             continue
         if arr.ndim == 4 and len(shape) == 5:
             two_d += 1
-            if inflate and arr.shape[:2] == shape[:2] and arr.shape[-2:] == shape[-2:]:
-                arrays[key] = (name, inflate_weight(arr, shape[2]))
-                rows[name].action = INFLATED
-                rows[name].detail = f"kt {shape[2]}"
+            if work.inflate and arr.shape[:2] == shape[:2] and arr.shape[-2:] == shape[-2:]:
+                work.arrays[key] = (name, inflate_weight(arr, shape[2]))
+                work.rows[name].action = INFLATED
+                work.rows[name].detail = f"kt {shape[2]}"
                 continue
-        problems.shape.append(f"{name}: file {_fmt(arr.shape)}, model {_fmt(shape)} ({key})")
-    if two_d and not inflate:
-        problems.hints.append(
+        work.problems.shape.append(
+            f"{name}: file {fmt_shape(arr.shape)}, model {fmt_shape(shape)} ({key})"
+        )
+    if two_d and not work.inflate:
+        work.problems.hints.append(
             f"{two_d} blobs are 2-D conv weights (4-D): an ImageNet file loads into a video "
             f"model with inflate=True (--inflate)"
         )
 
-    # 5. Model tensors the file does not fill.
-    init_keys = []
-    unfolded = {f"{o}.{leaf}" for o in stats for leaf in ("weight", "bias")}
-    for key, target in targets.items():
-        if key in arrays or key in unfolded:  # a failed fold is reported already
-            continue
-        if init_mode and (is_nonlocal_key(key) or key.startswith("pred.")):
-            init_keys.append(key)
-            continue
-        problems.missing.append(f"{key} <- {state_dict_key_to_blob(key)} {_fmt(target.shape)}")
-    headline = None
-    if problems.missing:
-        headline = _missing_headline(problems, rows, where, model_desc, init_mode)
 
-    if problems:
-        raise problems.error(where, model_desc, headline)
+def _missing(work: _Work) -> str | None:
+    """Model tensors the file does not fill: initialised when allowed, else errors. Returns a
+    specific headline for the error where the cause is typical."""
+    unfolded = {f"{o}.{leaf}" for o in work.stats for leaf in ("weight", "bias")}
+    for key, target in work.targets.items():
+        if key in work.arrays or key in unfolded:  # a failed fold is reported already
+            continue
+        if work.init_mode and (is_nonlocal_key(key) or key.startswith("pred.")):
+            work.init_keys.append(key)
+            continue
+        work.problems.missing.append(
+            f"{key} <- {state_dict_key_to_blob(key)} {fmt_shape(target.shape)}"
+        )
+    if not work.problems.missing:
+        return None
+    return _missing_headline(work.problems, work.rows, work.where, work.model, work.init_mode)
 
-    # 6. Assemble the state_dict in the model's order.
-    initial = _initial_values(cfg, init_keys) if init_keys else {}
+
+def _assemble(work: _Work, cfg: CfgNode) -> dict[str, torch.Tensor]:
+    """The state_dict in the model's order; tensors not in the file get initial values."""
+    initial = _initial_values(cfg, work.init_keys) if work.init_keys else {}
     state_dict: dict[str, torch.Tensor] = {}
-    for key, target in targets.items():
-        if key in arrays:
-            state_dict[key] = torch.from_numpy(arrays[key][1])
+    for key, target in work.targets.items():
+        if key in work.arrays:
+            state_dict[key] = torch.from_numpy(work.arrays[key][1])
         else:
             state_dict[key] = initial[key]
             blob = state_dict_key_to_blob(key)
-            rows[f"<init> {key}"] = BlobRow(blob, key, None, target.shape, INITIALISED)
-    report.rows = list(rows.values())
+            work.rows[f"<init> {key}"] = BlobRow(blob, key, None, target.shape, INITIALISED)
+    return state_dict
+
+
+def _log(work: _Work, report: ConversionReport) -> None:
     if report.folded_layers:
         logger.info(
             "%s: folded %d BN layers into the model's frozen affines (eps 1e-5, as the "
             "original's convert_to_finetune.py)",
-            where,
+            work.where,
             len(report.folded_layers),
         )
     if report.inflated:
-        logger.info("%s: inflated %d 2-D weights to 3-D", where, len(report.inflated))
+        logger.info("%s: inflated %d 2-D weights to 3-D", work.where, len(report.inflated))
     for row in report.rows:
         if row.action == DROPPED:
-            logger.info("%s: dropped %s (%s)", where, row.blob, row.detail)
-    if init_keys:
+            logger.info("%s: dropped %s (%s)", work.where, row.blob, row.detail)
+    if work.init_keys:
         logger.info(
             "%s: %d model tensors are not in the file and keep their initial values: %s",
-            where,
-            len(init_keys),
-            ", ".join(init_keys),
+            work.where,
+            len(work.init_keys),
+            ", ".join(work.init_keys),
         )
-    return ConversionResult(state_dict, report)
 
 
 def _bn_prefix(owner: str) -> str:

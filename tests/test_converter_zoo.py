@@ -74,15 +74,22 @@ def converted(tmp_path, request):
     src = write_training_checkpoint(tmp_path / f"{name}.pkl", blobs)
     dst = tmp_path / f"{name}.pt"
     report = convert_checkpoint(src, dst, name)
-    digest = hashlib.sha256(src.read_bytes()).hexdigest()
     src.unlink()  # large: free the space now
-    yield name, blobs, dst, report, digest
+    yield name, blobs, dst, report
     dst.unlink(missing_ok=True)
+
+
+def _sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @pytest.mark.parametrize("converted", ZOO_NAMES, indirect=True)
 def test_released_model_converts_loads_and_matches(converted, tmp_path):
-    name, blobs, dst, report, digest = converted
+    name, blobs, dst, report = converted
     params = _parameter_blobs(blobs)
     counts = report.counts()
     assert counts["mapped"] == counts["loaded"] == len(params)
@@ -90,10 +97,9 @@ def test_released_model_converts_loads_and_matches(converted, tmp_path):
     assert counts["ignored_lr"] == counts["ignored_model_iter"] == 1
     assert counts["initialised"] == counts["dropped"] == 0
 
-    raw = torch.load(dst, weights_only=True)
-    meta = raw["meta"]
-    assert meta["source"] == f"{name}.pkl" and meta["source_sha256"] == digest
-    assert meta["counts"] == counts and meta["source_model_iter"] == 400000
+    meta = torch.load(dst, weights_only=True)["meta"]
+    assert meta["source"] == f"{name}.pkl" and meta["counts"] == counts
+    assert meta["source_model_iter"] == 400000 and meta["source_lr"] == float(np.float32(1e-4))
     assert meta["converter_version"].endswith(f"converter v{CONVERTER_VERSION}")
 
     torch.manual_seed(0)
@@ -135,7 +141,7 @@ def test_released_model_converts_loads_and_matches(converted, tmp_path):
 
 @pytest.mark.parametrize("converted", ["i3d_nonlocal_32x4_I3D_pretrain_400k"], indirect=True)
 def test_round_trip_through_the_conversion_scripts_layout_and_safetensors(converted, tmp_path):
-    name, blobs, dst, _, _ = converted
+    name, blobs, dst, _ = converted
     params = _parameter_blobs(blobs)
     flat = tmp_path / "flat.pkl"
     export_caffe2(dst, flat, protocol=0, wrapped=False, lr=0.00125)
@@ -148,6 +154,8 @@ def test_round_trip_through_the_conversion_scripts_layout_and_safetensors(conver
     src = write_training_checkpoint(tmp_path / "src.pkl", blobs)
     convert_checkpoint(src, sft, name)
     loaded = load_safetensors_checkpoint(sft)
+    assert loaded["meta"]["source_sha256"] == _sha256(src)
+    assert loaded["meta"]["source_bytes"] == src.stat().st_size
     reference = torch.load(dst, weights_only=True)
     assert loaded["cfg"] == reference["cfg"]
     assert loaded["meta"]["counts"] == reference["meta"]["counts"]
@@ -177,7 +185,7 @@ def test_affine_file_round_trip(tmp_path, name):
 @pytest.mark.parametrize("converted", ZOO_NAMES, indirect=True)
 def test_released_model_full_size_test_output(converted):
     # the evaluation path as it runs: a whole clip, a 256x256 crop, the fully-convolutional head
-    name, blobs, dst, _, _ = converted
+    name, blobs, dst, _ = converted
     torch.manual_seed(1)
     frames = nl.get_cfg(name).TRAIN.VIDEO_LENGTH
     clip = torch.randn(1, 3, frames, 256, 256)
