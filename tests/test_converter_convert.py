@@ -54,9 +54,12 @@ def _backbone(model, x):
 
 
 def _convert_error(blobs, cfg, **kw) -> str:
+    """The error message, which always starts with the file's name."""
     with pytest.raises(ConversionError) as info:
         convert_blobs(blobs, cfg, source=SRC, **kw)
-    return str(info.value)
+    message = str(info.value)
+    assert message.startswith(f"{SRC}: ")
+    return message
 
 
 # ------------------------------------------------------------------------------------------
