@@ -33,6 +33,7 @@ import math
 import pickletools
 import re
 import struct
+import warnings
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -411,6 +412,15 @@ class SafeUnpickler:
     # ----------------------------------------------------------------------------- main loop
     def load(self) -> Any:
         """Interpret the pickle up to its STOP opcode and return the object it built."""
+        try:
+            return self._load()
+        except Caffe2FormatError:
+            raise
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError) as e:
+            # anything else a malformed file provokes (bad escapes, odd argument types, ...)
+            raise self._fail(f"{type(e).__name__}: {e}") from e
+
+    def _load(self) -> Any:
         f = self.f
         st = struct.unpack
         while True:
@@ -629,7 +639,9 @@ class SafeUnpickler:
         if len(line) < 2 or line[:1] != line[-1:] or line[:1] not in (b"'", b'"'):
             raise self._fail("STRING argument is not a quoted string")
         try:
-            return codecs.escape_decode(line[1:-1])[0]
+            with warnings.catch_warnings():  # "invalid escape": kept literally, as Python 2 did
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return codecs.escape_decode(line[1:-1])[0]
         except ValueError as e:
             raise self._fail(f"invalid STRING escape ({e})") from None
 

@@ -396,3 +396,38 @@ def test_missing_file_and_directory(tmp_path):
         read_caffe2_pkl(tmp_path / "nope.pkl")
     with pytest.raises(Caffe2FormatError, match="is a directory"):
         read_caffe2_pkl(tmp_path)
+
+
+def test_damaged_files_only_ever_give_format_errors(tmp_path):
+    # random byte flips, cuts and insertions in real Python 2 pickles: the reader either reads
+    # the result or raises Caffe2FormatError naming the file, never anything else
+    import random
+    import warnings
+
+    rng = random.Random(1234)
+    golden = Path(__file__).parent / "data" / "caffe2_golden"
+    path = tmp_path / "damaged.pkl"
+    outcomes = {"read": 0, "refused": 0}
+    for name in ("checkpoint_p2_wrapped.pkl", "affine_p0_flat.pkl", "imagenet_p2_flat.pkl"):
+        data = (golden / name).read_bytes()
+        for _ in range(150):
+            damaged = bytearray(data)
+            for _ in range(rng.randint(1, 4)):
+                pos = rng.randrange(len(damaged))
+                choice = rng.random()
+                if choice < 0.5:
+                    damaged[pos] = rng.randrange(256)
+                elif choice < 0.75:
+                    del damaged[pos : pos + rng.randint(1, 20)]
+                else:
+                    damaged[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 5)))
+            path.write_bytes(bytes(damaged))
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                try:
+                    read_caffe2_pkl(path)
+                    outcomes["read"] += 1
+                except Caffe2FormatError as e:
+                    assert str(e).startswith(str(path))
+                    outcomes["refused"] += 1
+    assert outcomes["refused"] > 300  # most damage is detected
