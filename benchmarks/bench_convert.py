@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement")
     args = parser.parse_args(argv)
     py = sys.executable
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / f"{MODEL}.pkl"
         blobs = released_like_blobs(MODEL)
@@ -174,7 +175,13 @@ def main(argv: list[str] | None = None) -> int:
             f"| {label} | {wall:.2f} | {peak:.0f} | {peak / size_mib:.2f} | "
             f"{(peak - baseline) / size_mib:.2f} |"
         )
-    lines += ["", f"Machine: {machine()}.", ""]
+    lines += [
+        "",
+        f"Machine: {machine()}. Load average (1 min) before / after the runs: "
+        f"{load_before:.1f} / {os.getloadavg()[0]:.1f} (other processes share the cores when it "
+        f"exceeds 0; times grow with it, memory does not).",
+        "",
+    ]
     with atomic_write(OUT, "w") as f:
         f.write("\n".join(lines))
     print(f"wrote {OUT}")
