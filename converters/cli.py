@@ -1,0 +1,195 @@
+"""``vnl-convert``: convert released Caffe2 checkpoints, and back.
+
+::
+
+    vnl-convert SRC.pkl DST.pt --model <zoo name> [KEY VALUE ...]
+    vnl-convert SRC.pkl DST.pt --cfg FILE.yaml [KEY VALUE ...]
+    vnl-convert SRC.pkl --dry-run --model <zoo name>      # print the mapping table, write nothing
+    vnl-convert DST.pt OUT.pkl --to-caffe2
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+
+from ..core.config import ConfigError
+from ..models.checkpoint import CheckpointError
+from ..models.zoo import UnknownModelError
+from ..utils.log import setup_logging
+from .convert import convert_blobs
+from .convert_file import convert_checkpoint
+from .errors import Caffe2FormatError, ConversionError
+from .export import export_caffe2
+from .reader import read_caffe2_pkl
+
+__all__ = ["main", "parse_args"]
+
+logger = logging.getLogger("nonlocal_net.converters")
+
+PROG = "vnl-convert"
+_CFG_KEY = re.compile(r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+")
+EXPECTED_ERRORS = (
+    Caffe2FormatError,
+    ConversionError,
+    ConfigError,
+    CheckpointError,
+    UnknownModelError,
+    OSError,
+    ImportError,
+)
+
+USAGE = """\
+vnl-convert SRC.pkl DST.pt (--model NAME | --cfg FILE.yaml) [options] [KEY VALUE ...]
+       vnl-convert SRC.pkl --dry-run (--model NAME | --cfg FILE.yaml) [options] [KEY VALUE ...]
+       vnl-convert SRC.pt OUT.pkl --to-caffe2 [--protocol {0,2}] [--flat] [--lr LR]"""
+
+EPILOG = """\
+Every blob of SRC must have a place in the model and every model tensor must come from SRC;
+momentum, lr and model_iter are reported, not loaded. A BN checkpoint loaded into a
+MODEL.USE_AFFINE model is folded as the original's convert_to_finetune.py folds it.
+Initialising for training: --inflate (2-D ImageNet weights) and --finetune keep the model's own
+initial classifier when the class count differs and its non-local blocks when the file has none.
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        usage=USAGE,
+        description="Convert a Caffe2 checkpoint (.pkl) of the original Non-local Neural Networks "
+        "code into PyTorch weights for nonlocal_net (or, with --to-caffe2, back).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "args",
+        nargs="*",
+        metavar="SRC DST [KEY VALUE ...]",
+        help="source file, destination file (not with --dry-run), then config overrides",
+    )
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
+        "--model", metavar="NAME", help="zoo name of the model (see nl.list_models())"
+    )
+    which.add_argument("--cfg", metavar="FILE.yaml", help="an original-format YAML config")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the blob -> state_dict mapping table only"
+    )
+    parser.add_argument(
+        "--to-caffe2", action="store_true", help="convert a converted .pt back into a Caffe2 .pkl"
+    )
+    parser.add_argument(
+        "--inflate",
+        action="store_true",
+        help="load 2-D (ImageNet) conv weights into the 3-D model: kt copies along time / kt",
+    )
+    parser.add_argument(
+        "--finetune",
+        action="store_true",
+        help="initialise for training: drop a pred of another class count; pred and non-local "
+        "blocks missing from the file keep the model's initial values",
+    )
+    parser.add_argument(
+        "--no-fold-bn",
+        action="store_true",
+        help="refuse to fold BN statistics into a MODEL.USE_AFFINE model (default: fold)",
+    )
+    parser.add_argument(
+        "--safetensors",
+        action="store_true",
+        help="write DST as .safetensors (implied by a .safetensors suffix)",
+    )
+    export = parser.add_argument_group("--to-caffe2 options")
+    export.add_argument("--protocol", type=int, choices=[0, 2], default=2, help="pickle protocol")
+    export.add_argument(
+        "--flat",
+        action="store_true",
+        help="write the flat dict of the original's conversion scripts instead of {'blobs': ...}",
+    )
+    export.add_argument("--lr", type=float, default=None, help="the file's lr entry")
+    export.add_argument(
+        "--model-iter", type=int, default=None, help="write a model_iter entry (omitted by default)"
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    parser.add_argument("-q", "--quiet", action="count", default=0, help="less logging")
+    args = parser.parse_intermixed_args(argv)
+    _split_positionals(parser, args)
+    return args
+
+
+def _split_positionals(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Sort the positionals into ``src``, ``dst`` and the ``KEY VALUE`` overrides."""
+    rest = list(args.args)
+    if not rest:
+        parser.error("SRC is required")
+    args.src = rest.pop(0)
+    args.dst = None
+    if rest and not (args.dry_run and _CFG_KEY.fullmatch(rest[0])):
+        args.dst = rest.pop(0)
+    args.overrides = rest
+    if args.to_caffe2:
+        if args.dst is None or rest or args.model or args.cfg or args.dry_run:
+            parser.error("--to-caffe2 takes exactly SRC.pt OUT.pkl (the config is in SRC.pt)")
+        return
+    if not (args.model or args.cfg):
+        parser.error("one of --model NAME or --cfg FILE.yaml is required")
+    if args.dst is None and not args.dry_run:
+        parser.error("DST is required (or pass --dry-run)")
+    if len(rest) % 2:
+        parser.error(f"overrides must be KEY VALUE pairs, got {len(rest)} items: {rest}")
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.to_caffe2:
+        result = export_caffe2(
+            args.src,
+            args.dst,
+            protocol=args.protocol,
+            wrapped=not args.flat,
+            lr=args.lr,
+            model_iter=args.model_iter,
+        )
+        print(
+            f"{args.src} -> {result.path}: {len(result.blobs)} blobs, lr {result.lr:.6g}, "
+            f"pickle protocol {result.protocol}, {'wrapped' if result.wrapped else 'flat'}"
+        )
+        return 0
+    from ..models.model_builder import get_cfg
+
+    cfg = get_cfg(args.model or args.cfg, args.overrides)
+    options = dict(
+        inflate=args.inflate, finetune=args.finetune, fold_bn=False if args.no_fold_bn else None
+    )
+    if args.dry_run:
+        ckpt = read_caffe2_pkl(args.src, load_momentum=False)
+        print(f"{args.src}: {ckpt.describe()}")
+        result = convert_blobs(ckpt.entries(), cfg, source=args.src, **options)
+        print(result.report.format_table())
+        print(result.report.summary())
+        print("dry run: nothing written")
+        return 0
+    report = convert_checkpoint(
+        args.src, args.dst, cfg, safetensors=args.safetensors or None, **options
+    )
+    print(report.summary())
+    print(f"wrote {args.dst}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.verbose - args.quiet)
+    try:
+        return _run(args)
+    except EXPECTED_ERRORS as e:
+        if args.verbose:
+            raise
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
