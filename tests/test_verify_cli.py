@@ -205,7 +205,8 @@ def test_cli_passes_a_clean_conversion_and_writes_json(small, tmp_path, capsys):
     )
     assert rc == 0, out
     lines = out.splitlines()
-    assert lines[0].startswith(f"{small['path']} (converted in memory): resnet_video C2D ResNet-50 (arc 1)")
+    description = "(converted in memory): resnet_video C2D ResNet-50 (arc 1)"
+    assert lines[0].startswith(f"{small['path']} {description}")
     assert lines[-1].startswith("PASS: all ")
     for label in ("res_conv1_bn", "pool1", "res2_0", "pool2", "nonlocal_conv3_1",
                   "nonlocal_conv4_5", "res5_2", "pool5", "pred", "softmax"):  # fmt: skip
