@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_write", "temporary_sibling"]
+__all__ = ["atomic_output_path", "atomic_write", "fsync_directory", "temporary_sibling"]
 
 
 def temporary_sibling(path: str | os.PathLike) -> Path:
@@ -37,6 +37,46 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def fsync_directory(path: str | os.PathLike) -> None:
+    """Flush a directory entry (after a rename) to disk where the platform allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_output_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Like :func:`atomic_write`, for writers that need a file *name* rather than a file object
+    (HDF5, which reads back what it writes; video writers): yields a fresh temporary path next
+    to ``path`` (ending in ``suffix``, for writers that pick a format from the extension); on
+    success the file is fsynced and renamed over ``path``, on any exception it is removed.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(target)
+    tmp = tmp.with_name(tmp.name + suffix)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+        fsync_directory(target.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
