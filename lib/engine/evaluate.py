@@ -288,6 +288,7 @@ def evaluate(
     decode_memory_mb: int = 1024,
     progress: bool = True,
     allow_tf32: bool = False,
+    mp_context: str = "spawn",
 ) -> dict:
     """Evaluate a converted checkpoint (``weights``) or a test-split ``model`` on ``list_file``.
 
@@ -299,6 +300,8 @@ def evaluate(
     run, ``overwrite`` starts again). ``batch_size``: views per forward pass (default
     ``TEST.BATCH_SIZE / NUM_GPUS``, the original's per-GPU batch); batches never mix videos.
     ``limit``: only the first ``limit`` list entries (and the metrics over those).
+    ``workers`` decoding processes are started with ``mp_context`` ("spawn": a script that
+    calls this at import time needs the usual ``if __name__ == "__main__":`` guard).
     Under ``torchrun`` the videos are sharded across the processes; every process returns the
     same report.
     """
@@ -332,6 +335,7 @@ def _evaluate(
     decode_memory_mb,
     progress,
     allow_tf32,
+    mp_context,
 ) -> dict:
     if backend not in available_backends():
         raise ValueError(
@@ -419,6 +423,9 @@ def _evaluate(
             pin_memory=ctx.device.type == "cuda",
             prefetch_factor=2 if workers > 0 else None,
             in_order=False,
+            # fresh worker processes: a forked child inherits the parent's OpenMP/OpenCV
+            # thread-pool state, and OpenCV calls in it can deadlock
+            multiprocessing_context=mp_context if workers > 0 else None,
         )
         run.run(loader, len(items), vlist)
     ctx.barrier()  # every shard flushed
