@@ -1,7 +1,8 @@
 """A ``torch.utils.data.IterableDataset`` of test views, decoded in DataLoader workers.
 
 Every worker takes every ``num_workers``-th video of its share, decodes it once
-(:func:`.load_test_video`) and yields its views in chunks of at most ``batch_size``
+(:func:`.load_test_video`) and yields its views as uint8 pixel values (a quarter of the float32
+size to pass between processes and to the GPU) in chunks of at most ``batch_size``
 (:class:`ViewChunk`): views ``0..B-1``, ``B..2B-1``, ... of one video, never mixing videos, so a
 video's scores do not depend on which other videos are evaluated (resume and sharding give
 bitwise the same scores). Only ``prefetch_factor x num_workers`` chunks exist at a time. A video
@@ -41,7 +42,7 @@ class ViewChunk:
 
     video_id: int
     view_ids: list[int]
-    views: torch.Tensor | None  # float32 (n, 3, L, c, c)
+    views: torch.Tensor | None  # uint8 (n, 3, L, c, c): normalise on the device
     num_views: int  # views of the whole video (0 when it failed)
     last: bool  # the video's final chunk
     meta: VideoMeta | None
@@ -112,7 +113,7 @@ class ViewStream(IterableDataset):
         for start in range(0, n, self.batch_size):
             t0 = time.perf_counter()
             ids = list(range(start, min(n, start + self.batch_size)))
-            views = video.views(ids)
+            views = video.views_uint8(ids)
             yield ViewChunk(
                 item.video_id,
                 ids,

@@ -48,7 +48,7 @@ class VideoMeta:
 class TestVideo:
     """The resized frames a video's views need and how to cut the views.
 
-    ``frames`` is uint8 ``(U, newH, newW, 3)`` (RGB) for the ``U`` distinct frames the clips use,
+    ``frames`` is uint8 ``(U, 3, newH, newW)`` (RGB) for the ``U`` distinct frames the clips use,
     ``slots[j, k]`` the row of ``frames`` holding frame ``k`` of temporal clip ``j``,
     ``frame_indices[j, k]`` the decoded-frame index it came from, ``offsets[p]`` the
     ``(h_off, w_off)`` of spatial position ``p``.
@@ -75,38 +75,45 @@ class TestVideo:
         return self.offsets[self.protocol.view_position(view)[0]]
 
     def views(self, view_ids: Sequence[int] | None = None) -> torch.Tensor:
-        """float32 ``(n, 3, L, c, c)`` for ``view_ids`` (all views in order if ``None``)."""
+        """float32 ``(n, 3, L, c, c)`` for ``view_ids`` (all views in order if ``None``),
+        normalised."""
+        return self.protocol.normalise_(self.views_uint8(view_ids).float())
+
+    def views_uint8(self, view_ids: Sequence[int] | None = None) -> torch.Tensor:
+        """uint8 ``(n, 3, L, c, c)`` pixel values of ``view_ids`` (a quarter of the float32
+        size: what DataLoader workers hand over; normalise on the device with
+        :meth:`TestProtocol.normalise_`)."""
         ids = list(range(self.num_views) if view_ids is None else view_ids)
         c, length = self.protocol.crop_size, self.protocol.video_length
-        out = torch.empty(len(ids), 3, length, c, c, dtype=torch.float32)
+        out = torch.empty(len(ids), 3, length, c, c, dtype=torch.uint8)
         for row, view in enumerate(ids):
-            out[row].copy_(self._crop(view))  # uint8 -> float32 in the copy
-        return self.protocol.normalise_(out)
+            out[row] = self._crop(view)
+        return out
 
     def _crop(self, view: int) -> torch.Tensor:
-        """uint8 ``(3, L, c, c)`` (possibly a strided view) of one view, channels in the
-        configured order."""
+        """uint8 ``(3, L, c, c)`` of one view, channels in the configured order."""
         position, clip = self.protocol.view_position(view)
         h_off, w_off = self.offsets[position]
         c = self.protocol.crop_size
-        new_h, new_w = self.frames.shape[1:3]
+        new_h, new_w = self.frames.shape[2:]
         channels = [2, 1, 0] if self.protocol.use_bgr else [0, 1, 2]
         if 0 <= h_off and h_off + c <= new_h and 0 <= w_off and w_off + c <= new_w:
-            crop = self.frames[:, h_off : h_off + c, w_off : w_off + c, :][self.slots[clip]]
-            if self.protocol.use_bgr:
-                crop = crop.flip(-1)
-            return crop.permute(3, 0, 1, 2)
-        return _crop_with_flat_wrap(self.frames[self.slots[clip]], h_off, w_off, c, channels)
+            window = self.frames[:, :, h_off : h_off + c, w_off : w_off + c]
+            crop = window.index_select(0, self.slots[clip]).transpose(0, 1)  # (3, L, c, c)
+            return crop.flip(0) if self.protocol.use_bgr else crop
+        clip_frames = self.frames.index_select(0, self.slots[clip])
+        return _crop_with_flat_wrap(clip_frames, h_off, w_off, c, channels)
 
 
 def _crop_with_flat_wrap(
     frames: torch.Tensor, h_off: int, w_off: int, crop: int, channels: list[int]
 ) -> torch.Tensor:
-    """The original's unchecked crop of a frame smaller than the crop: element
-    ``(ch, l, h, w)`` is read at flat index ``((src_ch*L + l)*newH + h_off + h)*newW + w_off + w``
-    of the ``(3, L, newH, newW)`` clip buffer; outside the buffer it is 0."""
-    length, new_h, new_w = frames.shape[:3]
-    buffer = frames.permute(3, 0, 1, 2).reshape(-1)  # (3, L, newH, newW), contiguous copy
+    """The original's unchecked crop of frames ``(L, 3, newH, newW)`` smaller than the crop:
+    element ``(ch, l, h, w)`` is read at flat index
+    ``((src_ch*L + l)*newH + h_off + h)*newW + w_off + w`` of the ``(3, L, newH, newW)`` clip
+    buffer; outside the buffer it is 0."""
+    length, _, new_h, new_w = frames.shape
+    buffer = frames.transpose(0, 1).reshape(-1)  # (3, L, newH, newW), contiguous copy
     plane = new_h * new_w
     first = h_off * new_w + w_off  # flat offset of element (0, 0) within a frame plane
     last = first + (crop - 1) * new_w + crop - 1
@@ -171,7 +178,7 @@ def load_test_video(
     return TestVideo(
         meta=meta,
         protocol=protocol,
-        frames=torch.from_numpy(resized),
+        frames=torch.from_numpy(resized).permute(0, 3, 1, 2).contiguous(),
         slots=torch.from_numpy(inverse.reshape(indices.shape).astype(np.int64)),
         frame_indices=indices,
         offsets=crop_offsets(new_h, new_w, protocol.crop_size, protocol.num_spatial),

@@ -138,9 +138,11 @@ class _Run:
         self.stats.update(wait_seconds=0.0, wall_seconds=0.0)
 
     def score(self, views: torch.Tensor) -> np.ndarray:
+        """Per-view scores of uint8 views, normalised on the device."""
         start = time.perf_counter()
         with torch.inference_mode():
-            out = self.model(views.to(self.device, non_blocking=True))
+            pixels = views.to(self.device, non_blocking=True).float()
+            out = self.model(self.protocol.normalise_(pixels))
         scores = out.float().cpu().numpy()
         self.stats["model_seconds"] += time.perf_counter() - start
         if scores.shape != (views.shape[0], self.num_classes):

@@ -60,8 +60,9 @@ def predict_video(
     view_scores, view_features = [], []
     with torch.inference_mode():
         for start in range(0, clip.num_views, batch_size):
-            views = clip.views(range(start, min(clip.num_views, start + batch_size)))
-            pooled = model.forward_features(views.to(device))
+            views = clip.views_uint8(range(start, min(clip.num_views, start + batch_size)))
+            pixels = protocol.normalise_(views.to(device).float())
+            pooled = model.forward_features(pixels)
             view_scores.append(model.forward_head(pooled).float().cpu())
             if features:
                 view_features.append(pooled.float().mean(dim=(2, 3, 4)).cpu())
