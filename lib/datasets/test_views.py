@@ -85,24 +85,28 @@ class TestVideo:
         :meth:`TestProtocol.normalise_`)."""
         ids = list(range(self.num_views) if view_ids is None else view_ids)
         c, length = self.protocol.crop_size, self.protocol.video_length
-        out = torch.empty(len(ids), 3, length, c, c, dtype=torch.uint8)
+        out = np.empty((len(ids), 3, length, c, c), dtype=np.uint8)
         for row, view in enumerate(ids):
             out[row] = self._crop(view)
-        return out
+        return torch.from_numpy(out)
 
-    def _crop(self, view: int) -> torch.Tensor:
-        """uint8 ``(3, L, c, c)`` of one view, channels in the configured order."""
+    def _crop(self, view: int) -> np.ndarray:
+        """uint8 ``(3, L, c, c)`` of one view (possibly a strided view), channels in the
+        configured order. NumPy rather than torch: single-threaded copies stay fast when the
+        process's threads are busy elsewhere."""
         position, clip = self.protocol.view_position(view)
         h_off, w_off = self.offsets[position]
         c = self.protocol.crop_size
-        new_h, new_w = self.frames.shape[2:]
+        frames = self.frames.numpy()
+        new_h, new_w = frames.shape[2:]
+        slots = self.slots[clip].numpy()
         channels = [2, 1, 0] if self.protocol.use_bgr else [0, 1, 2]
         if 0 <= h_off and h_off + c <= new_h and 0 <= w_off and w_off + c <= new_w:
-            window = self.frames[:, :, h_off : h_off + c, w_off : w_off + c]
-            crop = window.index_select(0, self.slots[clip]).transpose(0, 1)  # (3, L, c, c)
-            return crop.flip(0) if self.protocol.use_bgr else crop
-        clip_frames = self.frames.index_select(0, self.slots[clip])
-        return _crop_with_flat_wrap(clip_frames, h_off, w_off, c, channels)
+            crop = frames[:, :, h_off : h_off + c, w_off : w_off + c][slots]  # (L, 3, c, c)
+            crop = crop.transpose(1, 0, 2, 3)
+            return crop[::-1] if self.protocol.use_bgr else crop
+        clip_frames = torch.from_numpy(frames[slots])
+        return _crop_with_flat_wrap(clip_frames, h_off, w_off, c, channels).numpy()
 
 
 def _crop_with_flat_wrap(
