@@ -96,7 +96,7 @@ def _finish_report(
 
 
 def _throughput(stats: list[dict]) -> dict:
-    total = {k: sum(s[k] for s in stats) for k in stats[0] if k != "wall_seconds"}
+    total = {k: sum(s[k] for s in stats) for k in stats[0]}
     wall = max(s["wall_seconds"] for s in stats)
     work = total["decode_seconds"] + total["prepare_seconds"] + total["model_seconds"]
     wait = total["wait_seconds"]
@@ -105,6 +105,7 @@ def _throughput(stats: list[dict]) -> dict:
         "videos": total["videos"],
         "views": total["views"],
         "wall_seconds": wall,
+        "startup_seconds": max(s["startup_seconds"] for s in stats),
         "videos_per_second": total["videos"] / wall if wall > 0 else math.nan,
         "clips_per_second": total["views"] / wall if wall > 0 else math.nan,
         "decode_seconds": total["decode_seconds"],
@@ -135,7 +136,7 @@ class _Run:
         self.stats = dict.fromkeys(
             ("videos", "views", "decode_seconds", "prepare_seconds", "model_seconds"), 0
         )
-        self.stats.update(wait_seconds=0.0, wall_seconds=0.0)
+        self.stats.update(wait_seconds=0.0, wall_seconds=0.0, startup_seconds=0.0)
 
     def score(self, views: torch.Tensor) -> np.ndarray:
         """Per-view scores of uint8 views, normalised on the device."""
@@ -207,6 +208,8 @@ class _Run:
                 self.stats["wait_seconds"] += time.perf_counter() - t0
                 if chunk is None:
                     break
+                if not self.stats["startup_seconds"]:  # workers started, first video decoded
+                    self.stats["startup_seconds"] = time.perf_counter() - start
                 if self.handle(chunk, vlist.where(vlist.entries[chunk.video_id])):
                     bar.update(1)
                     elapsed = time.perf_counter() - start

@@ -161,7 +161,8 @@ def format_report(report: Mapping) -> str:
         lines.append(
             f"throughput:              {timing['videos_per_second']:.3f} videos/s, "
             f"{timing['clips_per_second']:.2f} clips/s ({timing['videos']} videos in "
-            f"{timing['wall_seconds']:.1f} s, {timing['world_size']} process(es))"
+            f"{timing['wall_seconds']:.1f} s including {timing.get('startup_seconds', 0):.1f} s "
+            f"start-up, {timing['world_size']} process(es))"
         )
         lines.append(
             f"decode share:            {_pct(timing['decode_share'])} of the work, model "
