@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from eval_helpers import StandInModel, first_max, small_cfg, top5_by_hand
 
@@ -146,3 +147,53 @@ def test_workers_limit_and_data_root(eval_videos, tmp_path):
         assert report["num_empty_videos"] == 0 and report["limit"] == 4
     keys = ("top1_correct", "top5_correct", "clip_correct", "clip1_correct", "num_views")
     assert [reports[0][k] for k in keys] == [reports[1][k] for k in keys]
+
+
+def test_sharded_outcomes_merge_like_one_process(eval_videos, monkeypatch):
+    """Two ranks without a results file: each evaluates its contiguous shard and rank 0
+    gathers the per-video outcomes (collectives replaced by an in-process exchange)."""
+    import nonlocal_net.engine.evaluator as engine
+    from nonlocal_net.engine.distributed import DistContext
+
+    cfg = small_cfg(["TEST.NUM_TEST_CLIPS", "3"])
+    model = StandInModel(cfg)
+    single = evaluate(eval_videos.list_file, model=model, workers=0, progress=False)
+    sent: list = []  # what rank 1 contributed to each all_gather, in call order
+
+    class Exchange(DistContext):
+        def barrier(self) -> None:
+            pass
+
+        def broadcast(self, obj):
+            return obj
+
+        def all_gather(self, obj):
+            if self.rank == 1:
+                sent.append(obj)
+                return [None, obj]
+            return [obj, sent.pop(0)]
+
+    shards = []
+    for rank in (1, 0):
+        monkeypatch.setattr(engine, "init_distributed", lambda device, r=rank: Exchange(r, 2))
+        shards.append(evaluate(eval_videos.list_file, model=model, workers=0, progress=False))
+    merged = shards[1]
+    assert merged["world_size"] == 2 and merged["throughput"]["world_size"] == 2
+    assert merged["throughput"]["videos"] == single["throughput"]["videos"]
+    for key in ("top1_correct", "top5_correct", "clip_correct", "clip1_correct", "num_views"):
+        assert merged[key] == single[key], key
+    assert merged["num_empty_videos"] == single["num_empty_videos"] == 2
+    assert merged["errors"] == single["errors"]
+
+
+def test_cli_help_and_errors(tmp_path, capsys):
+    from nonlocal_net.tools import predict_video, score_results, test_net_video
+
+    for tool in (test_net_video, score_results, predict_video):
+        with pytest.raises(SystemExit) as info:
+            tool.main(["--help"])
+        assert info.value.code == 0
+    assert "--resume" in capsys.readouterr().out
+    lst = write_list_file(tmp_path / "l.txt", [("a.mp4", 0)])
+    args = ["--weights", str(tmp_path / "missing.pt"), "--list", str(lst), "--workers", "0"]
+    assert test_net_video.main(args) == 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..engine.evaluate import score_results, write_report
+from ..engine.evaluator import score_results, write_report
 from ..engine.metrics import format_report
 from ..engine.results import ResultsError
 from ..utils.log import setup_logging

@@ -18,7 +18,7 @@ import os
 
 from ..core.config import ConfigError
 from ..datasets.decoders import BACKENDS
-from ..engine.evaluate import evaluate
+from ..engine.evaluator import evaluate
 from ..engine.metrics import format_report
 from ..engine.results import ResultsError
 from ..models.checkpoint import CheckpointError
