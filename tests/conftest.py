@@ -20,3 +20,13 @@ torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 def original_config_files(tmp_path_factory) -> dict[str, Path]:
     """The original's five YAML configs, written the way the original repository has them."""
     return write_original_configs(tmp_path_factory.mktemp("configs"))
+
+
+@pytest.fixture(scope="session")
+def eval_videos(tmp_path_factory):
+    """A Kinetics-like set of real video files written with OpenCV (landscape, portrait with
+    255-column scaling, square, 5-frame video, scaled-down HD, undecodable and empty files)
+    and its list file."""
+    from nonlocal_net.datasets.synthetic import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("videos"))
