@@ -34,6 +34,16 @@ def original_config_files(tmp_path_factory) -> dict[str, Path]:
     return write_original_configs(tmp_path_factory.mktemp("configs"))
 
 
+@pytest.fixture(scope="session")
+def eval_videos(tmp_path_factory):
+    """A Kinetics-like set of real video files written with OpenCV (landscape, portrait with
+    255-column scaling, square, 5-frame video, scaled-down HD, undecodable and empty files)
+    and its list file."""
+    from nonlocal_net.datasets.synthetic import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("videos"))
+
+
 # The parity suite's full set (every released network, both heads, at full size) is marked
 # parity_full; it runs only with --parity-full (make test-parity-full, which CI runs after the
 # default suite when time allows). The default run covers a representative subset.

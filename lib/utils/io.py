@@ -9,13 +9,27 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_path", "atomic_write", "temporary_sibling"]
+__all__ = ["atomic_path", "atomic_write", "fsync_directory", "temporary_sibling"]
 
 
 def temporary_sibling(path: str | os.PathLike) -> Path:
     """A fresh, unused temporary name in the directory of ``path`` (same file system)."""
     target = Path(path)
     return target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+
+
+def fsync_directory(path: str | os.PathLike) -> None:
+    """Flush a directory entry (after a rename) to disk where the platform allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -37,6 +51,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
+        fsync_directory(target.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -44,14 +59,17 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Like :func:`atomic_write`, for writers that take a file name rather than a file object
-    (e.g. ``safetensors.torch.save_file``): yields a temporary path next to ``path``; on success
-    the file written there is fsync'ed and renamed over ``path``, on any exception it is removed
-    and ``path`` is left as it was."""
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Like :func:`atomic_write`, for writers that need a file *name* rather than a file object
+    (``safetensors.torch.save_file``, HDF5, video writers): yields a fresh temporary path next to
+    ``path`` (ending in ``suffix``, for writers that pick a format from the extension); on success
+    the file written there is fsynced and renamed over ``path``, on any exception it is removed
+    and ``path`` is left as it was.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(target)
+    tmp = tmp.with_name(tmp.name + suffix)
     try:
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)
@@ -60,6 +78,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         finally:
             os.close(fd)
         os.replace(tmp, target)
+        fsync_directory(target.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

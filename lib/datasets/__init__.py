@@ -1,0 +1,50 @@
+"""Evaluation data: the original's list files, video decoding and the 30-view test protocol.
+
+Typical use::
+
+    import nonlocal_net as nl
+    from nonlocal_net.datasets import test_views
+
+    cfg = nl.get_cfg("i3d_nonlocal_8x8_IN_pretrain_400k")
+    views, meta = test_views("video.mp4", cfg)  # (30, 3, 8, 256, 256), view 10*ct + j
+"""
+
+from .class_names import read_class_names
+from .decoders import (
+    MAX_DECODING_FRAMES,
+    DecodedFrames,
+    VideoDecodeError,
+    available_backends,
+    decode_selected,
+    decode_video,
+)
+from .stream import VideoItem, ViewChunk, ViewStream
+from .test_protocol import TestProtocol, clip_frame_indices, clip_start, crop_offsets, scaled_size
+from .test_views import TestVideo, VideoMeta, load_test_video, test_views
+from .video_list import ListEntry, VideoList, read_video_list, resolve_video_path
+
+__all__ = [
+    "MAX_DECODING_FRAMES",
+    "DecodedFrames",
+    "ListEntry",
+    "TestProtocol",
+    "TestVideo",
+    "VideoDecodeError",
+    "VideoItem",
+    "VideoList",
+    "VideoMeta",
+    "ViewChunk",
+    "ViewStream",
+    "available_backends",
+    "clip_frame_indices",
+    "clip_start",
+    "crop_offsets",
+    "decode_selected",
+    "decode_video",
+    "load_test_video",
+    "read_class_names",
+    "read_video_list",
+    "resolve_video_path",
+    "scaled_size",
+    "test_views",
+]

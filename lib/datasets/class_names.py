@@ -1,0 +1,60 @@
+"""Class names for predictions: the original's ``classids.json`` or one name per line.
+
+``process_data/kinetics/classids.json`` maps class names to ids; names that contain spaces are
+stored with literal double quotes around them (``"\\"air drumming\\"": 1``), which are removed
+here. A plain text file lists one name per line, line ``i`` naming class ``i``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+__all__ = ["read_class_names"]
+
+
+def _unquote(name: str) -> str:
+    name = name.strip()
+    if len(name) >= 2 and name[0] == name[-1] == '"':
+        return name[1:-1]
+    return name
+
+
+def read_class_names(path: str | os.PathLike, num_classes: int | None = None) -> list[str]:
+    """Names indexed by class id; errors name the file and the offending entry."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise FileNotFoundError(f"cannot read class names {path}: {e.strerror or e}") from e
+    if text.lstrip().startswith("{"):
+        try:
+            mapping = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+        names: dict[int, str] = {}
+        for name, idx in mapping.items():
+            if not isinstance(idx, int) or isinstance(idx, bool) or idx < 0:
+                raise ValueError(f"{path}: class {name!r} has id {idx!r}, expected an int >= 0")
+            if idx in names:
+                raise ValueError(f"{path}: id {idx} is used by {names[idx]!r} and {name!r}")
+            names[idx] = _unquote(name)
+        missing = sorted(set(range(len(names))) - set(names))
+        if missing:
+            raise ValueError(
+                f"{path}: class ids are not 0..{len(names) - 1} (missing {missing[:5]})"
+            )
+        result = [names[i] for i in range(len(names))]
+    else:
+        result = [line.strip() for line in text.splitlines()]
+        while result and not result[-1]:
+            result.pop()
+        for i, name in enumerate(result):
+            if not name:
+                raise ValueError(f"{path}:{i + 1}: empty class name")
+    if num_classes is not None and len(result) != num_classes:
+        raise ValueError(
+            f"{path}: {len(result)} class names for a model with {num_classes} classes"
+        )
+    return result

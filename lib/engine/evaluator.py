@@ -1,0 +1,561 @@
+"""Kinetics evaluation exactly as the original's ``tools/test_net_video.py`` (spec 6.9).
+
+:func:`evaluate` runs the test-split model on the 30 views of every listed video, decoding each
+video once in DataLoader workers, and returns the original's report (:mod:`.metrics`) plus
+throughput. Per-view scores can be kept in a crash-safe, resumable HDF5 file
+(:mod:`.results`); under ``torchrun`` the videos are sharded across processes
+(:mod:`.distributed`). :func:`score_results` re-scores a results file without the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..datasets.decoders import available_backends
+from ..datasets.stream import (
+    VideoItem,
+    ViewChunk,
+    ViewStream,
+    identity_collate,
+    init_decode_worker,
+)
+from ..datasets.test_protocol import TestProtocol
+from ..datasets.video_list import VideoList, read_video_list
+from ..models.checkpoint import cfg_to_dict, load_model
+from ..utils.io import atomic_write
+from .distributed import DistContext, init_distributed, shard
+from .metrics import VideoOutcome, compute_report, video_outcome
+from .results import (
+    ResultsError,
+    ResultsStore,
+    VideoRecord,
+    iter_result_records,
+    read_list_entries,
+)
+
+__all__ = ["default_batch_size", "evaluate", "model_fingerprint", "score_results"]
+
+logger = logging.getLogger(__name__)
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of the model's state (names, dtypes, shapes, values): identifies the weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def default_batch_size(cfg) -> int:
+    """The original's per-GPU test batch, ``TEST.BATCH_SIZE / NUM_GPUS`` (8 for the 8-GPU
+    configs, 2 for the affine 32x4/128x1 models)."""
+    return max(1, cfg.TEST.BATCH_SIZE // max(1, cfg.NUM_GPUS))
+
+
+def _errors_of(vlist: VideoList, records: Iterable[tuple[int, str]]) -> list[dict]:
+    errors = [
+        {"video_id": e.video_id, "where": vlist.where(e), "path": e.path, "error": e.error}
+        for e in vlist.entries
+        if not e.ok
+    ]
+    for vid, message in records:
+        entry = vlist.entries[vid]
+        errors.append(
+            {"video_id": vid, "where": vlist.where(entry), "path": entry.path, "error": message}
+        )
+    return sorted(errors, key=lambda e: e["video_id"])
+
+
+def _finish_report(
+    labels: Sequence[int],
+    outcomes: Mapping[int, VideoOutcome],
+    views_per_video: int,
+    vlist: VideoList,
+    decode_errors: list[tuple[int, str]],
+) -> dict:
+    report = compute_report(labels, outcomes, views_per_video)
+    report["num_bad_list_lines"] = sum(1 for e in vlist.entries[: len(labels)] if not e.ok)
+    report["num_decode_errors"] = len(decode_errors)
+    report["errors"] = [e for e in _errors_of(vlist, decode_errors) if e["video_id"] < len(labels)]
+    return report
+
+
+def _throughput(stats: list[dict]) -> dict:
+    total = {k: sum(s[k] for s in stats) for k in stats[0]}
+    wall = max(s["wall_seconds"] for s in stats)
+    work = total["decode_seconds"] + total["prepare_seconds"] + total["model_seconds"]
+    wait = total["wait_seconds"]
+    return {
+        "world_size": len(stats),
+        "videos": total["videos"],
+        "views": total["views"],
+        "wall_seconds": wall,
+        "startup_seconds": max(s["startup_seconds"] for s in stats),
+        "videos_per_second": total["videos"] / wall if wall > 0 else math.nan,
+        "clips_per_second": total["views"] / wall if wall > 0 else math.nan,
+        "decode_seconds": total["decode_seconds"],
+        "prepare_seconds": total["prepare_seconds"],
+        "model_seconds": total["model_seconds"],
+        "data_wait_seconds": wait,
+        "decode_share": total["decode_seconds"] / work if work > 0 else math.nan,
+        "data_wait_share": wait / sum(s["wall_seconds"] for s in stats) if wall > 0 else math.nan,
+    }
+
+
+class _Run:
+    """One process's share of an evaluation: stream chunks, score them, record videos."""
+
+    def __init__(
+        self, model, protocol, device, labels, num_classes, writer, progress: bool
+    ) -> None:
+        self.model = model
+        self.num_classes = num_classes
+        self.protocol = protocol
+        self.device = device
+        self.labels = labels
+        self.writer = writer
+        self.progress = progress
+        self.pending: dict[int, tuple[list[int], list[np.ndarray]]] = {}
+        self.outcomes: dict[int, VideoOutcome] = {}
+        self.decode_errors: list[tuple[int, str]] = []
+        self.stats = dict.fromkeys(
+            ("videos", "views", "decode_seconds", "prepare_seconds", "model_seconds"), 0
+        )
+        self.stats.update(wait_seconds=0.0, wall_seconds=0.0, startup_seconds=0.0)
+
+    def score(self, views: torch.Tensor) -> np.ndarray:
+        """Per-view scores of uint8 views, normalised on the device."""
+        start = time.perf_counter()
+        with torch.inference_mode():
+            pixels = views.to(self.device, non_blocking=True).float()
+            out = self.model(self.protocol.normalise_(pixels))
+        scores = out.float().cpu().numpy()
+        self.stats["model_seconds"] += time.perf_counter() - start
+        if scores.shape != (views.shape[0], self.num_classes):
+            raise RuntimeError(
+                f"the model returned {tuple(out.shape)} for {views.shape[0]} views; expected "
+                f"({views.shape[0]}, {self.num_classes}): is it the test-split model?"
+            )
+        return scores
+
+    def finish_video(self, record: VideoRecord) -> None:
+        if self.writer is not None:
+            self.writer.add(record)
+        self.outcomes[record.video_id] = video_outcome(
+            record.video_id,
+            self.labels[record.video_id],
+            record.view_ids,
+            record.scores,
+            self.protocol.num_views,
+        )
+        self.stats["videos"] += 1
+        self.stats["views"] += record.num_views
+
+    def handle(self, chunk: ViewChunk, where: str) -> bool:
+        """Process one chunk; True when it completed a video."""
+        vid = chunk.video_id
+        if chunk.error:
+            logger.error("video %d (%s) has no views: %s", vid, where, chunk.error)
+            self.decode_errors.append((vid, chunk.error))
+            empty = np.zeros((0, self.num_classes), np.float32)
+            self.finish_video(VideoRecord(vid, np.zeros(0, np.int16), empty, error=chunk.error))
+            return True
+        scores = self.score(chunk.views)
+        self.stats["prepare_seconds"] += chunk.prepare_seconds
+        ids, rows = self.pending.setdefault(vid, ([], []))
+        ids.extend(chunk.view_ids)
+        rows.append(scores)
+        if not chunk.last:
+            return False
+        del self.pending[vid]
+        meta = chunk.meta
+        self.stats["decode_seconds"] += meta.decode_seconds + meta.resize_seconds
+        self.finish_video(
+            VideoRecord(
+                vid,
+                np.asarray(ids, dtype=np.int16),
+                np.concatenate(rows).astype(np.float32, copy=False),
+                meta.num_frames,
+                meta.height,
+                meta.width,
+            )
+        )
+        return True
+
+    def run(self, loader: Iterable[ViewChunk], total: int, vlist: VideoList) -> None:
+        start = time.perf_counter()
+        bar = tqdm(total=total, unit="video", disable=not self.progress, dynamic_ncols=True)
+        try:
+            iterator = iter(loader)
+            while True:
+                t0 = time.perf_counter()
+                chunk = next(iterator, None)
+                self.stats["wait_seconds"] += time.perf_counter() - t0
+                if chunk is None:
+                    break
+                if not self.stats["startup_seconds"]:  # workers started, first video decoded
+                    self.stats["startup_seconds"] = time.perf_counter() - start
+                if self.handle(chunk, vlist.where(vlist.entries[chunk.video_id])):
+                    bar.update(1)
+                    elapsed = time.perf_counter() - start
+                    bar.set_postfix(clips_s=f"{self.stats['views'] / max(elapsed, 1e-9):.1f}")
+        finally:
+            bar.close()
+            if self.writer is not None:
+                self.writer.flush()  # finished videos survive an exception or Ctrl-C
+            self.stats["wall_seconds"] = time.perf_counter() - start
+        if self.pending:
+            raise RuntimeError(f"videos {sorted(self.pending)} ended without their last views")
+
+
+def _header(vlist, num_entries, cfg, model, protocol, weights, backend, data_root) -> dict:
+    return {
+        "list_file": os.path.abspath(vlist.source),
+        "list_sha256": vlist.sha256,
+        "num_entries": num_entries,
+        "data_root": os.fspath(data_root) if data_root is not None else None,
+        "weights": os.path.abspath(os.fspath(weights)) if weights is not None else None,
+        "model_fingerprint": model_fingerprint(model),
+        "cfg": cfg_to_dict(cfg),
+        "num_classes": int(cfg.MODEL.NUM_CLASSES),
+        "views_per_video": protocol.num_views,
+        "protocol": asdict(protocol),
+        "backend": backend,
+        "version": _version(),
+    }
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _check_report_path(report_path, results) -> str | None:
+    if report_path is not None:
+        return os.fspath(report_path)
+    if results is not None:
+        root, _ = os.path.splitext(os.fspath(results))
+        return root + ".report.json"
+    return None
+
+
+def write_report(path: str | os.PathLike, report: Mapping) -> None:
+    """The report as JSON (atomic; NaN written as null)."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        if isinstance(value, Mapping):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    with atomic_write(path, "w") as f:
+        json.dump(clean(report), f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
+def evaluate(
+    list_file: str | os.PathLike,
+    weights: str | os.PathLike | None = None,
+    *,
+    model: torch.nn.Module | None = None,
+    overrides: Sequence[str] = (),
+    data_root: str | os.PathLike | None = None,
+    results: str | os.PathLike | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    report_path: str | os.PathLike | None = None,
+    batch_size: int | None = None,
+    workers: int = 2,
+    limit: int | None = None,
+    backend: str = "opencv",
+    device: str | None = None,
+    flush_every: int = 16,
+    flush_seconds: float = 60.0,
+    decode_memory_mb: int = 1024,
+    progress: bool = True,
+    allow_tf32: bool = False,
+    mp_context: str = "spawn",
+) -> dict:
+    """Evaluate a converted checkpoint (``weights``) or a test-split ``model`` on ``list_file``.
+
+    Returns the report (also written as JSON to ``report_path``, default
+    ``<results>.report.json`` when ``results`` is given): the original's metrics
+    (:func:`.metrics.compute_report`), ``errors`` (bad list lines and undecodable videos with
+    ``file:line``), ``throughput`` (videos/s, clips/s, decode share) and the run's settings.
+    ``results``: HDF5 file of per-view scores (crash-safe; ``resume`` continues an interrupted
+    run, ``overwrite`` starts again). ``batch_size``: views per forward pass (default
+    ``TEST.BATCH_SIZE / NUM_GPUS``, the original's per-GPU batch); batches never mix videos.
+    ``limit``: only the first ``limit`` list entries (and the metrics over those).
+    ``workers`` decoding processes are started with ``mp_context`` ("spawn": a script that
+    calls this at import time needs the usual ``if __name__ == "__main__":`` guard).
+    Under ``torchrun`` the videos are sharded across the processes; every process returns the
+    same report.
+    """
+    params = dict(locals())
+    ctx = init_distributed(device)
+    try:
+        return _evaluate(ctx, **params)
+    finally:
+        ctx.close()
+
+
+def _evaluate(
+    ctx: DistContext,
+    *,
+    list_file,
+    weights,
+    model,
+    overrides,
+    data_root,
+    results,
+    resume,
+    overwrite,
+    report_path,
+    batch_size,
+    workers,
+    limit,
+    backend,
+    device,
+    flush_every,
+    flush_seconds,
+    decode_memory_mb,
+    progress,
+    allow_tf32,
+    mp_context,
+) -> dict:
+    if backend not in available_backends():
+        raise ValueError(
+            f"video backend {backend!r} is not available (have {available_backends()})"
+        )
+    if model is None:
+        if weights is None:
+            raise ValueError("evaluate() needs weights (a converted .pt file) or a model")
+        model = load_model(weights, split="test", overrides=overrides)
+    elif overrides:
+        raise ValueError("overrides apply to weights loaded from a file, not to a given model")
+    cfg = model.cfg
+    if getattr(model, "split", "test") != "test":
+        raise ValueError(f"evaluation needs the test-split model, got split {model.split!r}")
+    model.eval().to(ctx.device)
+    if ctx.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+        torch.backends.cudnn.allow_tf32 = allow_tf32
+    protocol = TestProtocol.from_cfg(cfg)
+    batch_size = batch_size or default_batch_size(cfg)
+    vlist = read_video_list(list_file, data_root, num_classes=cfg.MODEL.NUM_CLASSES)
+    num_entries = len(vlist) if limit is None else min(limit, len(vlist))
+    entries = vlist.entries[:num_entries]
+    labels = [e.label for e in entries]
+    header = _header(vlist, num_entries, cfg, model, protocol, weights, backend, data_root)
+
+    store = ResultsStore(results, header) if results is not None else None
+    state: Any = (False, [])
+    if store is not None and ctx.is_main:
+        try:
+            complete, done = store.prepare(resume, overwrite)
+            state = (complete, sorted(done))
+        except ResultsError as e:
+            state = e
+    state = ctx.broadcast(state)
+    if isinstance(state, Exception):
+        raise ResultsError(str(state))
+    complete, done_ids = state
+    done = set(done_ids)
+
+    todo = [] if complete else [e for e in entries if e.ok and e.video_id not in done]
+    mine = shard(todo, ctx.rank, ctx.world_size)
+    items = [VideoItem(e.video_id, vlist.resolve(e)) for e in mine]
+    logger.info(
+        "%d list entries, %d to evaluate (%d on this process), %d views each, batch %d, "
+        "%d workers, %s decoder, device %s",
+        num_entries,
+        len(todo),
+        len(items),
+        protocol.num_views,
+        batch_size,
+        workers,
+        backend,
+        ctx.device,
+    )
+    writer = (
+        store.writer(ctx.rank, cfg.MODEL.NUM_CLASSES, flush_every, flush_seconds)
+        if store is not None and not complete
+        else None
+    )
+    run = _Run(
+        model,
+        protocol,
+        ctx.device,
+        labels,
+        cfg.MODEL.NUM_CLASSES,
+        writer,
+        progress and ctx.is_main,
+    )
+    if items:
+        stream = ViewStream(
+            items,
+            protocol,
+            batch_size,
+            backend,
+            memory_budget=decode_memory_mb << 20,
+            decoder_threads=1 if workers > 0 else 0,
+        )
+        loader = DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=workers,
+            collate_fn=identity_collate,
+            worker_init_fn=init_decode_worker if workers > 0 else None,
+            pin_memory=ctx.device.type == "cuda",
+            prefetch_factor=2 if workers > 0 else None,
+            in_order=False,
+            # fresh worker processes: a forked child inherits the parent's OpenMP/OpenCV
+            # thread-pool state, and OpenCV calls in it can deadlock
+            multiprocessing_context=mp_context if workers > 0 else None,
+        )
+        run.run(loader, len(items), vlist)
+    ctx.barrier()  # every shard flushed
+    all_stats = ctx.all_gather(run.stats)
+
+    report: Any = None
+    if store is not None:
+        if ctx.is_main:
+            report = _report_from_store(store, complete, labels, protocol, vlist, all_stats)
+    else:
+        gathered = ctx.all_gather((run.outcomes, run.decode_errors))
+        if ctx.is_main:
+            outcomes: dict[int, VideoOutcome] = {}
+            errors: list[tuple[int, str]] = []
+            for part_outcomes, part_errors in gathered:
+                outcomes.update(part_outcomes)
+                errors += part_errors
+            report = _finish_report(labels, outcomes, protocol.num_views, vlist, errors)
+            report["throughput"] = _throughput(all_stats)
+    if ctx.is_main:
+        report.update(
+            _settings(vlist, weights, results, protocol, batch_size, workers, backend, ctx, limit)
+        )
+        path = _check_report_path(report_path, results)
+        if path is not None:
+            write_report(path, report)
+            report["report_file"] = os.path.abspath(path)
+            logger.info("report written to %s", path)
+    return ctx.broadcast(report)
+
+
+def _settings(vlist, weights, results, protocol, batch_size, workers, backend, ctx, limit):
+    return {
+        "list_file": os.path.abspath(vlist.source),
+        "weights": os.path.abspath(os.fspath(weights)) if weights is not None else None,
+        "results": os.path.abspath(os.fspath(results)) if results is not None else None,
+        "protocol": asdict(protocol),
+        "batch_size": batch_size,
+        "workers": workers,
+        "backend": backend,
+        "device": str(ctx.device),
+        "world_size": ctx.world_size,
+        "limit": limit,
+    }
+
+
+def _report_from_store(store, complete, labels, protocol, vlist, all_stats) -> dict:
+    """Merge the parts (unless the final file already exists) and score the final file."""
+    throughput = _throughput(all_stats)
+    if not complete:
+        outcomes: dict[int, VideoOutcome] = {}
+        errors: list[tuple[int, str]] = []
+
+        def on_record(rec: VideoRecord) -> None:
+            outcomes[rec.video_id] = video_outcome(
+                rec.video_id, labels[rec.video_id], rec.view_ids, rec.scores, protocol.num_views
+            )
+            if rec.error:
+                errors.append((rec.video_id, rec.error))
+
+        def make_report() -> dict:
+            report = _finish_report(labels, outcomes, protocol.num_views, vlist, errors)
+            report["throughput"] = throughput
+            return report
+
+        entries = vlist.entries[: len(labels)]
+        store.merge(
+            labels,
+            [e.path for e in entries],
+            [e.error for e in entries],
+            on_record=on_record,
+            report=make_report,
+        )
+        return make_report()
+    logger.info("%s is complete: scoring it without running the model", store.path)
+    report = score_results(store.path, vlist.source, vlist.data_root, _vlist=vlist)
+    report["throughput"] = throughput
+    return report
+
+
+def score_results(
+    results: str | os.PathLike,
+    list_file: str | os.PathLike | None = None,
+    data_root: str | os.PathLike | None = None,
+    *,
+    _vlist: VideoList | None = None,
+) -> dict:
+    """The original's report from a results file (no model). Labels come from ``list_file``
+    (must have at least the file's number of entries), else from the file itself. Also accepts
+    the ``.parts`` folder of an interrupted run (``complete`` is then False)."""
+    header, records, complete = iter_result_records(results)
+    num_entries = int(header["num_entries"])
+    views_per_video = int(header["views_per_video"])
+    if _vlist is None and list_file is None:
+        if complete:
+            _vlist = read_list_entries(results, header)
+        else:
+            list_file = header["list_file"]
+    vlist = _vlist or read_video_list(list_file, data_root, num_classes=header["num_classes"])
+    if vlist.sha256 != header["list_sha256"]:
+        logger.warning(
+            "%s differs from the list the results were computed with (%s)",
+            vlist.source,
+            header["list_file"],
+        )
+    if len(vlist) < num_entries:
+        raise ValueError(
+            f"{vlist.source} has {len(vlist)} entries; the results cover {num_entries}"
+        )
+    labels = [e.label for e in vlist.entries[:num_entries]]
+    outcomes: dict[int, VideoOutcome] = {}
+    errors: list[tuple[int, str]] = []
+    for rec in records:
+        if rec.video_id >= num_entries:
+            raise ResultsError(f"{results}: video id {rec.video_id} beyond {num_entries} entries")
+        outcomes[rec.video_id] = video_outcome(
+            rec.video_id, labels[rec.video_id], rec.view_ids, rec.scores, views_per_video
+        )
+        if rec.error:
+            errors.append((rec.video_id, rec.error))
+    report = _finish_report(labels, outcomes, views_per_video, vlist, errors)
+    report["complete"] = complete
+    report["results"] = os.path.abspath(os.fspath(results))
+    if not complete:
+        logger.warning(
+            "%s is a partial run: %d of %d videos recorded", results, len(outcomes), num_entries
+        )
+    return report
