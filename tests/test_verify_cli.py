@@ -17,6 +17,8 @@ from parity_cases import SMALL, SMALL_SPLIT
 
 import nonlocal_net as nl
 from nonlocal_net.converters import convert_blobs, convert_checkpoint
+from nonlocal_net.datasets import test_views
+from nonlocal_net.datasets.synthetic import write_undecodable_file, write_video
 from nonlocal_net.reference import build_graph
 from nonlocal_net.verify import (
     DEFAULT_TOLERANCE,
@@ -28,6 +30,7 @@ from nonlocal_net.verify import (
     no_tf32,
     random_clip,
     reference_outputs,
+    video_clips,
 )
 from nonlocal_net.verify.cli import main
 
@@ -267,3 +270,40 @@ def test_cli_errors_name_the_file(small, tmp_path, capsys):
     # the FC head of the val net cannot take a longer clip than TRAIN.VIDEO_LENGTH
     rc, _, err = _cli([small["path"], *MODEL_ARGS, "--split", "val", "--frames", "8"], capsys)
     assert rc == 2 and "vnl-verify: error:" in err
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    """A 40-frame 320x240 video (MJPG in AVI) written with OpenCV."""
+    return write_video(tmp_path_factory.mktemp("video") / "clip.avi", 40, 320, 240)
+
+
+def test_video_clips_are_the_original_test_views(video):
+    cfg = SMALL.cfg()
+    views, _ = test_views(video, cfg)  # (30, 3, 4, 256, 256)
+    np.testing.assert_array_equal(video_clips(video, cfg, view=11, batch=2), views[11:13].numpy())
+    # val: the central 224 crop of the 256 view
+    val = video_clips(video, cfg, view=3, split="val")
+    np.testing.assert_array_equal(val, views[3:4, :, :, 16:240, 16:240].numpy())
+    with pytest.raises(ValueError, match=r"views 29\.\.30 requested"):
+        video_clips(video, cfg, view=29, batch=2)
+
+
+def test_cli_on_a_video(small, video, tmp_path, capsys):
+    report_file = tmp_path / "video.json"
+    rc, out, _ = _cli(
+        [small["path"], *MODEL_ARGS, "--video", video, "--view", "14", "--precision", "fp32",
+         "--json", report_file],
+        capsys,
+    )  # fmt: skip
+    assert rc == 0, out
+    assert f"({video} view 14)" in out.splitlines()[1]
+    data = json.loads(report_file.read_text())
+    assert data["input_shape"] == [1, 3, 4, 256, 256]
+    assert data["info"]["video"] == str(video) and data["info"]["view"] == 14
+    bad = write_undecodable_file(tmp_path / "bad.mp4")
+    rc, _, err = _cli([small["path"], *MODEL_ARGS, "--video", bad], capsys)
+    assert rc == 2 and _error_line(err).startswith(f"vnl-verify: error: {bad}")
+    with pytest.raises(SystemExit):
+        main([str(small["path"]), *MODEL_ARGS, "--video", str(video), "--frames", "8"])
+    assert "--frames cannot be combined with --video" in capsys.readouterr().err

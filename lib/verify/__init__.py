@@ -26,7 +26,7 @@ from .compare import (
     no_tf32,
     reference_outputs,
 )
-from .conversion import random_clip, verify_checkpoint
+from .conversion import random_clip, verify_checkpoint, video_clips
 
 __all__ = [
     "DEFAULT_TOLERANCE",
@@ -40,4 +40,5 @@ __all__ = [
     "random_clip",
     "reference_outputs",
     "verify_checkpoint",
+    "video_clips",
 ]

@@ -5,11 +5,12 @@
     vnl-verify SRC.pkl --model <zoo name> [KEY VALUE ...]           # converts SRC in memory
     vnl-verify SRC.pkl DST.pt [--model <zoo name>] [KEY VALUE ...]  # checks a converted file
     vnl-verify SRC.pkl --cfg FILE.yaml [--split val] [--frames T --crop S --seed N]
+    vnl-verify SRC.pkl --model <zoo name> --video clip.mp4 [--view K]  # a real video's test view
 
 Runs the original network (reference executor, float64, on SRC's blobs) and the PyTorch model
-(float32 and float64) on the same seeded random clip, prints a per-layer error table and a
-verdict. Exit status: 0 when every layer is within tolerance, 1 when one is not (the first
-diverging layer is named), 2 on bad arguments or unreadable files.
+(float32 and float64) on the same seeded random clip (or test view of a video), prints a
+per-layer error table and a verdict. Exit status: 0 when every layer is within tolerance, 1
+when one is not (the first diverging layer is named), 2 on bad arguments or unreadable files.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sys
 
 from ..converters.errors import Caffe2FormatError, ConversionError
 from ..core.config import ConfigError
+from ..datasets import VideoDecodeError
 from ..models.checkpoint import CheckpointError
 from ..models.zoo import UnknownModelError
 from ..reference import Caffe2Error
@@ -44,6 +46,7 @@ EXPECTED_ERRORS = (
     CheckpointError,
     UnknownModelError,
     Caffe2Error,
+    VideoDecodeError,
     OSError,
     ValueError,
 )
@@ -56,12 +59,14 @@ EPILOG = f"""\
 The reference is an independent NumPy implementation of the original Caffe2 graph run on SRC's
 own blobs (no converter involved); the port is SRC converted in memory, or DST. Per layer the
 table shows max|port - ref| and the relative error max|port - ref| / max|ref|; a layer fails
-above the tolerance (defaults: float32 {DEFAULT_TOLERANCE["float32"]:.0e}, float64
-{DEFAULT_TOLERANCE["float64"]:.0e}). Exit status 0: every layer agrees; 1: a layer diverges
-(the first one is named); 2: bad arguments or unreadable input.
+above the tolerance (defaults: float32 {DEFAULT_TOLERANCE["float32"]:.0e}, \
+float64 {DEFAULT_TOLERANCE["float64"]:.0e}).
+Exit status 0: every layer agrees; 1: a layer diverges (the first one is named); 2: bad
+arguments or unreadable input.
 
-Example (a released file):
+Examples (a released file, as downloaded; then the file vnl-convert wrote from it):
   vnl-verify i3d_nonlocal_8x8_IN_pretrain_400k.pkl --model i3d_nonlocal_8x8_IN_pretrain_400k
+  vnl-verify i3d_nonlocal_8x8_IN_pretrain_400k.pkl i3d_nl_8x8.pt
 """
 
 
@@ -91,7 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="test",
         help="'test': fully-convolutional head on 256 crops (default); 'val': FC head, 224 crops",
     )
-    clip = parser.add_argument_group("input clip (seeded random pixels)")
+    clip = parser.add_argument_group(
+        "input clip (seeded random pixels, or a video's test views with --video)"
+    )
     clip.add_argument(
         "--frames", type=int, default=None, help="clip length (default TRAIN.VIDEO_LENGTH)"
     )
@@ -100,6 +107,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     clip.add_argument("--batch", type=int, default=1, help="clips in the batch (default 1)")
     clip.add_argument("--seed", type=int, default=0, help="random seed of the clip (default 0)")
+    clip.add_argument(
+        "--video",
+        metavar="PATH",
+        help="use the original's test views of this video instead of random pixels "
+        "(TRAIN.VIDEO_LENGTH frames; with --split val the central 224 crop of each view)",
+    )
+    clip.add_argument(
+        "--view",
+        type=int,
+        default=0,
+        metavar="K",
+        help="first test view of --video (0-29, view 10*crop + clip; default 0); --batch N "
+        "takes N consecutive views",
+    )
     check = parser.add_argument_group("comparison")
     check.add_argument(
         "--tol",
@@ -149,6 +170,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"overrides must be KEY VALUE pairs, got {len(rest)} items: {rest}")
     if args.dst is None and not (args.model or args.cfg):
         parser.error("one of --model NAME or --cfg FILE.yaml is required without DST")
+    if args.video and args.frames is not None:
+        parser.error("--frames cannot be combined with --video (views have TRAIN.VIDEO_LENGTH)")
     for name in ("frames", "crop", "batch"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -172,6 +195,8 @@ def _run(args: argparse.Namespace) -> int:
         crop=args.crop,
         batch=args.batch,
         seed=args.seed,
+        video=args.video,
+        view=args.view,
         dtypes=dtypes[args.precision],
         tol={"float32": args.tol, "float64": args.tol_fp64},
         device=args.device,
@@ -179,9 +204,10 @@ def _run(args: argparse.Namespace) -> int:
         progress=progress,
     )
     print(f"{report.description}: {report.info['model']}")
+    source = f"{args.video} view {args.view}" if args.video else f"random pixels, seed {args.seed}"
     print(
-        f"split {report.split}, clips {'x'.join(map(str, report.input_shape))} (seed "
-        f"{args.seed}), reference float64 {report.reference_seconds:.1f} s, "
+        f"split {report.split}, clips {'x'.join(map(str, report.input_shape))} ({source}), "
+        f"reference float64 {report.reference_seconds:.1f} s, "
         + ", ".join(f"port {r.dtype} {r.seconds:.1f} s" for r in report.runs)
     )
     print(report.format_table())

@@ -2,7 +2,8 @@
 
 :func:`verify_checkpoint` reads the ``.pkl`` safely, runs the original graph on its blobs with the
 reference executor, converts the same blobs in memory with the converter (or loads an already
-converted file), runs the model on the same seeded random clip and compares every layer
+converted file), runs the model on the same clips (seeded random pixels, or test views of a video
+cut by :mod:`nonlocal_net.datasets`) and compares every layer
 (:func:`nonlocal_net.verify.compare_layers`).
 """
 
@@ -14,16 +15,18 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from yacs.config import CfgNode
 
 from ..converters.convert import convert_blobs, describe_cfg
 from ..converters.reader import read_caffe2_pkl
+from ..datasets import TestProtocol, load_test_video
 from ..models.checkpoint import cfg_to_dict, load_model
 from ..models.model_builder import build_model, get_cfg
 from ..reference import build_graph, config_crop_size
 from .compare import ParityReport, compare_layers
 
-__all__ = ["random_clip", "verify_checkpoint"]
+__all__ = ["random_clip", "verify_checkpoint", "video_clips"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +43,9 @@ def random_clip(
     split: str = "test",
     seed: int = 0,
 ) -> np.ndarray:
-    """Seeded random clips ``(batch, 3, frames, crop, crop)``, float32, normalised as the
-    original's input op normalises pixels: uniform integer pixels in [0, 255], then
-    ``(x - MODEL.MEAN) / MODEL.STD``.
+    """Seeded random clips ``(batch, 3, frames, crop, crop)``, float32: uniform integer pixels
+    in [0, 255] normalised as the test input is (:meth:`TestProtocol.normalise_`,
+    ``(x - MODEL.MEAN) / MODEL.STD`` in the original's float32 arithmetic).
 
     ``frames`` defaults to ``TRAIN.VIDEO_LENGTH`` (the original's clip length at test time too);
     ``crop`` to 256 for ``test`` (``TRAIN.JITTER_SCALES[0]``) and ``TRAIN.CROP_SIZE`` (224) for
@@ -54,7 +57,52 @@ def random_clip(
         raise ValueError(f"batch, frames and crop must be positive, got {batch}, {frames}, {crop}")
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, size=(batch, 3, frames, crop, crop)).astype(np.float32)
-    return (pixels - np.float32(cfg.MODEL.MEAN)) / np.float32(cfg.MODEL.STD)
+    return TestProtocol.from_cfg(cfg).normalise_(torch.from_numpy(pixels)).numpy()
+
+
+def video_clips(
+    path: str | os.PathLike,
+    cfg: CfgNode,
+    *,
+    view: int = 0,
+    batch: int = 1,
+    split: str = "test",
+    crop: int | None = None,
+    backend: str = "opencv",
+) -> np.ndarray:
+    """Test views ``view .. view + batch - 1`` of a video, cut as the original's 30-view test
+    cuts them (:mod:`nonlocal_net.datasets`: ``TRAIN.VIDEO_LENGTH`` frames at
+    ``TRAIN.SAMPLE_RATE``, short side scaled to ``TEST.SCALE``, 256 crops), normalised, float32.
+
+    ``crop`` (default: the split's, 224 for ``val``) smaller than the test crop takes the
+    central ``crop x crop`` of each view. Raises :class:`VideoDecodeError` for a video that
+    cannot be decoded and ``ValueError`` for views out of range.
+    """
+    protocol = TestProtocol.from_cfg(cfg)
+    crop = config_crop_size(cfg, split) if crop is None else int(crop)
+    if crop > protocol.crop_size:
+        raise ValueError(
+            f"--crop {crop} is larger than the test views' {protocol.crop_size} "
+            f"(TRAIN.JITTER_SCALES[0])"
+        )
+    views = list(range(view, view + batch))
+    if view < 0 or views[-1] >= protocol.num_views:
+        raise ValueError(
+            f"{path}: views {views[0]}..{views[-1]} requested, the test protocol has "
+            f"{protocol.num_views} (0..{protocol.num_views - 1})"
+        )
+    video = load_test_video(path, protocol, backend)
+    clips = video.views(views).numpy()
+    offset = (protocol.crop_size - crop) // 2
+    clips = clips[..., offset : offset + crop, offset : offset + crop]
+    logger.info(
+        "%s: %d decoded frames, views %s (frames %s)",
+        path,
+        video.meta.num_frames,
+        views,
+        [video.view_frames(v).tolist() for v in views],
+    )
+    return np.ascontiguousarray(clips)
 
 
 def _architecture_differences(a: CfgNode, b: CfgNode) -> list[str]:
@@ -84,6 +132,8 @@ def verify_checkpoint(
     batch: int = 1,
     seed: int = 0,
     clips: np.ndarray | None = None,
+    video: str | os.PathLike | None = None,
+    view: int = 0,
     dtypes: Sequence[str] = ("float32", "float64"),
     tol: Mapping[str, float] | None = None,
     device: str = "cpu",
@@ -102,6 +152,8 @@ def verify_checkpoint(
         split: ``"test"`` (fully-convolutional head, 256 crops) or ``"val"`` (FC head, 224).
         frames, crop, batch, seed: the random clip (see :func:`random_clip`).
         clips: use these clips instead of a random one (``(N, 3, T, H, W)``, normalised).
+        video, view: use test views ``view .. view + batch - 1`` of this video instead (see
+            :func:`video_clips`; ``frames`` must then be left at its default).
         dtypes, tol, device, reference_batch_size, progress: see :func:`compare_layers`.
 
     Raises:
@@ -133,7 +185,11 @@ def verify_checkpoint(
         port = build_model(cfg, split=split)
         port.load_state_dict(state_dict, strict=True)
         source = f"{src} (converted in memory)"
-    if clips is None:
+    if clips is None and video is not None:
+        if frames is not None:
+            raise ValueError("a video's test views have TRAIN.VIDEO_LENGTH frames: no --frames")
+        clips = video_clips(video, cfg, view=view, batch=batch, split=split, crop=crop)
+    elif clips is None:
         clips = random_clip(cfg, batch=batch, frames=frames, crop=crop, split=split, seed=seed)
     clips = np.asarray(clips)
     if clips.ndim != 5 or clips.shape[1] != 3:
@@ -161,7 +217,9 @@ def verify_checkpoint(
         "src": os.fspath(src),
         "dst": None if dst is None else os.fspath(dst),
         "model": describe_cfg(cfg),
-        "seed": seed,
+        "seed": None if video is not None else seed,
+        "video": None if video is None else os.fspath(video),
+        "view": None if video is None else view,
     }
     report.info.update(info)
     return report
