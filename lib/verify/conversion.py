@@ -23,7 +23,7 @@ from ..converters.reader import read_caffe2_pkl
 from ..datasets import TestProtocol, load_test_video
 from ..models.checkpoint import cfg_to_dict, load_model
 from ..models.model_builder import build_model, get_cfg
-from ..reference import build_graph, config_crop_size
+from ..reference import GraphError, build_graph, config_crop_size
 from .compare import ParityReport, compare_layers
 
 __all__ = ["random_clip", "verify_checkpoint", "video_clips"]
@@ -194,7 +194,15 @@ def verify_checkpoint(
     clips = np.asarray(clips)
     if clips.ndim != 5 or clips.shape[1] != 3:
         raise ValueError(f"clips must have shape (N, 3, T, H, W), got {clips.shape}")
-    graph = build_graph(cfg, split, crop_size=int(clips.shape[-1]))
+    graph = build_graph(cfg, split, batch_size=int(clips.shape[0]), crop_size=int(clips.shape[-1]))
+    try:  # the network's own checks, before any heavy work
+        graph.infer_shapes(clips.shape)
+    except GraphError as e:
+        raise GraphError(
+            f"clips {'x'.join(map(str, clips.shape))} do not fit the original's {split} network "
+            f"({describe_cfg(cfg)}, built for {cfg.TRAIN.VIDEO_LENGTH}-frame clips at "
+            f"{config_crop_size(cfg, split)}x{config_crop_size(cfg, split)}): {e}"
+        ) from e
     logger.info(
         "comparing %d layers on clips %s (%s)",
         len(graph.checkpoints),
