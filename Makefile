@@ -9,12 +9,14 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test test-fast lint format bench clean
+.PHONY: help install demo test test-fast test-parity-full parity lint format bench clean
 
 help:
 	@echo "make demo       run the built-in demo (no downloads)"
 	@echo "make test       run the whole test suite (what CI runs)"
 	@echo "make test-fast  the suite without the tests marked slow"
+	@echo "make test-parity-full  the rest of the parity suite (every network and head)"
+	@echo "make parity     regenerate tests/PARITY.md (the whole parity suite's table)"
 	@echo "make lint       ruff"
 	@echo "make bench      benchmarks; results under benchmarks/"
 	@echo "make install    only create .venv and install"
@@ -35,6 +37,12 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-parity-full: $(STAMP)
+	$(PY) -m pytest tests/test_parity.py --parity-full -m parity_full $(PYTEST_ARGS)
+
+parity: $(STAMP)
+	$(PY) tests/parity_table.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,9 +1,10 @@
 """Realistic synthetic Caffe2 checkpoints, written the way the original wrote them.
 
 Blob names and shapes come from ``blob_inventory`` (derived from the specification alone), the
-bytes from ``caffe2_pickles`` (Python 2 cPickle's opcodes). Values are random but shaped like
-trained ones: MSRA-scaled conv weights, BN scales near 1 (small on ``branch2c`` and in non-local
-blocks, whose gammas start at 0), positive running variances, small classifier weights.
+bytes from ``caffe2_pickles`` (Python 2 cPickle's opcodes), the values from ``synthetic_blobs``
+(random but shaped like trained ones: He-scaled conv weights, BN scales near 1, small on
+``branch2c`` and in non-local blocks, positive running variances that match no batch
+statistics, non-local branches that contribute, small classifier weights).
 
 Also here: :func:`assign_blobs_by_hand`, an independent way of putting blobs into a model (by
 walking modules with plain string handling, not through the converter's name rules), which
@@ -12,7 +13,6 @@ the parity tests compare the converter against.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from blob_inventory import Arch, expected_blobs, is_trainable
 from caffe2_pickles import dump_py2, script_file_keys, training_checkpoint_keys
+from synthetic_blobs import make_blobs
 from torch import nn
 
 __all__ = [
@@ -36,37 +37,10 @@ __all__ = [
 LR_400K = np.float32(1e-4)  # the last learning rate of the 400k schedules
 
 
-def _value(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    def normal(std: float) -> np.ndarray:
-        return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(np.float32)
-
-    def uniform(lo: float, hi: float) -> np.ndarray:
-        return rng.uniform(lo, hi, size=shape).astype(np.float32)
-
-    nonlocal_block = name.startswith("nonlocal_conv")
-    if name.endswith("_riv"):
-        return uniform(0.5, 2.0)
-    if name.endswith("_rm"):
-        return normal(0.2)
-    if name.endswith("_bn_s"):
-        if nonlocal_block or "branch2c" in name:
-            return uniform(0.0, 0.3)
-        return uniform(0.5, 1.2)
-    if name.endswith("_bn_b"):
-        return normal(0.1)
-    if name.startswith("pred_"):
-        return normal(0.01)
-    if nonlocal_block:
-        return normal(0.01)
-    if name.endswith("_w"):
-        fan_out = shape[0] * math.prod(shape[2:])
-        return normal(math.sqrt(2.0 / fan_out))
-    raise ValueError(name)
-
-
 def realistic_blobs(arch: Arch, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Every parameter and running-statistic blob of ``arch`` (float32, C order)."""
-    return {name: _value(name, shape, rng) for name, shape in expected_blobs(arch)}
+    """Every parameter and running-statistic blob of ``arch`` (float32, C order), drawn with
+    the tests' one value rule (:func:`synthetic_blobs.make_blobs`)."""
+    return make_blobs(expected_blobs(arch), rng)
 
 
 def training_checkpoint_blobs(arch: Arch, rng: np.random.Generator) -> dict[str, Any]:

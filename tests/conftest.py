@@ -6,14 +6,26 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from caffe2_fixtures import training_checkpoint_blobs, write_training_checkpoint
 from original_configs import write_original_configs
+from parity_cases import SMALL
 
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory):
+    """The parity suite's small case written as a Caffe2 training checkpoint: ``(path, blobs)``
+    (``parity_cases.SMALL``; blobs with momentum, ``lr`` and ``model_iter``)."""
+    blobs = training_checkpoint_blobs(SMALL.arch(), np.random.default_rng(21))
+    path = tmp_path_factory.mktemp("parity") / "small_c2d_nonlocal.pkl"
+    return write_training_checkpoint(path, blobs), blobs
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +42,26 @@ def eval_videos(tmp_path_factory):
     from nonlocal_net.datasets.synthetic import write_dataset
 
     return write_dataset(tmp_path_factory.mktemp("videos"))
+
+
+# The parity suite's full set (every released network, both heads, at full size) is marked
+# parity_full; it runs only with --parity-full (make test-parity-full, which CI runs after the
+# default suite when time allows). The default run covers a representative subset.
+def pytest_addoption(parser):
+    parser.addoption(
+        "--parity-full",
+        action="store_true",
+        default=False,
+        help="also run the tests marked parity_full (the whole parity suite, ~15-30 min)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--parity-full"):
+        return
+    kept, deselected = [], []
+    for item in items:
+        (deselected if item.get_closest_marker("parity_full") else kept).append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept
