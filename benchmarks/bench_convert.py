@@ -32,30 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import nonlocal_net as nl
-from nonlocal_net.converters import state_dict_key_to_blob, write_caffe2_pkl
+from nonlocal_net.converters import write_caffe2_pkl
+from nonlocal_net.converters.synthetic import synthetic_checkpoint_blobs
 from nonlocal_net.utils.io import atomic_write
 
 MODEL = "i3d_nonlocal_8x8_IN_pretrain_400k"
 OUT = Path(__file__).with_name("convert.md")
-
-
-def released_like_blobs(name: str, seed: int = 0) -> dict:
-    """Every blob of the released training checkpoint of ``name``, with random values."""
-    with torch.device("meta"):
-        model = nl.build_model(name, split="val")
-    trainable = {k for k, _ in model.named_parameters()}
-    rng = np.random.default_rng(seed)
-    blobs: dict = {"model_iter": 400000, "lr": np.array(1e-4, dtype=np.float32)}
-    params = {}
-    for key, tensor in model.state_dict().items():
-        blob = state_dict_key_to_blob(key)
-        value = rng.standard_normal(tuple(tensor.shape), dtype=np.float32)
-        params[blob] = np.abs(value) + np.float32(0.5) if blob.endswith("_riv") else value
-        if key in trainable:
-            blobs[blob + "_momentum"] = value * np.float32(1e-3)
-    blobs.update(params)
-    return blobs
 
 
 # Runs the command given on its command line and reports its wall time and peak RSS. A small
@@ -121,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / f"{MODEL}.pkl"
-        blobs = released_like_blobs(MODEL)
+        blobs = synthetic_checkpoint_blobs(MODEL)
         n_blobs = len(blobs)
         write_caffe2_pkl(blobs, src)
         del blobs

@@ -35,18 +35,14 @@ _CHILD = """
 import json, resource, sys, time
 import numpy as np
 import nonlocal_net as nl
+from nonlocal_net.converters.synthetic import synthetic_blob
 from nonlocal_net.reference import build_graph, config_crop_size, run
 
 name, split, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3])
 cfg = nl.get_cfg(name)
 graph = build_graph(cfg, split)
 rng = np.random.default_rng(0)
-blobs = {}
-for p in graph.params:
-    if p.name.endswith("_riv"):
-        blobs[p.name] = rng.uniform(0.5, 2.0, p.shape).astype(np.float32)
-    else:
-        blobs[p.name] = (rng.normal(0.0, 0.02, p.shape)).astype(np.float32)
+blobs = {p.name: synthetic_blob(p.name, p.shape, rng).astype(np.float32) for p in graph.params}
 crop = config_crop_size(cfg, split)
 clip = rng.normal(size=(1, 3, cfg.TRAIN.VIDEO_LENGTH, crop, crop)).astype(np.float32)
 walls, cpus = [], []

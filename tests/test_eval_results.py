@@ -116,3 +116,6 @@ def test_partial_runs_can_be_scored_and_resumed(eval_videos, tmp_path):
     assert [finished[k] for k in keys] == [full[k] for k in keys]
     with pytest.raises(ResultsError, match="different evaluation"):
         evaluate(lst, model=StandInModel(cfg, seed=1), results=out, resume=True, workers=0)
+    # settings that change the scores must match too
+    with pytest.raises(ResultsError, match="channels_last differs"):
+        evaluate(lst, model=model, results=out, resume=True, workers=0, channels_last=False)

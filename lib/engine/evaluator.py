@@ -36,6 +36,7 @@ from ..datasets.test_protocol import TestProtocol
 from ..datasets.video_list import VideoList, read_video_list
 from ..models.checkpoint import cfg_to_dict, load_model
 from ..utils.io import atomic_write
+from .device import prepare_for_inference
 from .distributed import DistContext, init_distributed, shard
 from .metrics import VideoOutcome, compute_report, video_outcome
 from .results import (
@@ -223,7 +224,9 @@ class _Run:
             raise RuntimeError(f"videos {sorted(self.pending)} ended without their last views")
 
 
-def _header(vlist, num_entries, cfg, model, protocol, weights, backend, data_root) -> dict:
+def _header(
+    vlist, num_entries, cfg, model, protocol, weights, backend, data_root, channels_last
+) -> dict:
     return {
         "list_file": os.path.abspath(vlist.source),
         "list_sha256": vlist.sha256,
@@ -236,6 +239,7 @@ def _header(vlist, num_entries, cfg, model, protocol, weights, backend, data_roo
         "views_per_video": protocol.num_views,
         "protocol": asdict(protocol),
         "backend": backend,
+        "channels_last": bool(channels_last),
         "version": _version(),
     }
 
@@ -293,6 +297,7 @@ def evaluate(
     decode_memory_mb: int = 1024,
     progress: bool = True,
     allow_tf32: bool = False,
+    channels_last: bool = True,
     mp_context: str = "spawn",
 ) -> dict:
     """Evaluate a converted checkpoint (``weights``) or a test-split ``model`` on ``list_file``.
@@ -305,6 +310,8 @@ def evaluate(
     run, ``overwrite`` starts again). ``batch_size``: views per forward pass (default
     ``TEST.BATCH_SIZE / NUM_GPUS``, the original's per-GPU batch); batches never mix videos.
     ``limit``: only the first ``limit`` list entries (and the metrics over those).
+    ``channels_last`` / ``allow_tf32``: see :func:`.device.prepare_for_inference`; a resumed run
+    must use the same decoding ``backend`` and ``channels_last`` as the run it continues.
     ``workers`` decoding processes are started with ``mp_context`` ("spawn": a script that
     calls this at import time needs the usual ``if __name__ == "__main__":`` guard).
     Under ``torchrun`` the videos are sharded across the processes; every process returns the
@@ -340,6 +347,7 @@ def _evaluate(
     decode_memory_mb,
     progress,
     allow_tf32,
+    channels_last,
     mp_context,
 ) -> dict:
     if backend not in available_backends():
@@ -353,19 +361,16 @@ def _evaluate(
     elif overrides:
         raise ValueError("overrides apply to weights loaded from a file, not to a given model")
     cfg = model.cfg
-    if getattr(model, "split", "test") != "test":
-        raise ValueError(f"evaluation needs the test-split model, got split {model.split!r}")
-    model.eval().to(ctx.device)
-    if ctx.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-        torch.backends.cudnn.allow_tf32 = allow_tf32
+    prepare_for_inference(model, ctx.device, channels_last=channels_last, allow_tf32=allow_tf32)
     protocol = TestProtocol.from_cfg(cfg)
     batch_size = batch_size or default_batch_size(cfg)
     vlist = read_video_list(list_file, data_root, num_classes=cfg.MODEL.NUM_CLASSES)
     num_entries = len(vlist) if limit is None else min(limit, len(vlist))
     entries = vlist.entries[:num_entries]
     labels = [e.label for e in entries]
-    header = _header(vlist, num_entries, cfg, model, protocol, weights, backend, data_root)
+    header = _header(
+        vlist, num_entries, cfg, model, protocol, weights, backend, data_root, channels_last
+    )
 
     store = ResultsStore(results, header) if results is not None else None
     state: Any = (False, [])

@@ -74,7 +74,16 @@ RESULTS_FORMAT = "nonlocal_net/results/v1"
 PART_FORMAT = "nonlocal_net/results-part/v1"
 MANIFEST = "run.json"
 # header keys that must match for --resume (anything that can change a number)
-RESUME_KEYS = ("list_sha256", "num_entries", "model_fingerprint", "cfg", "views_per_video")
+# what must match for --resume to continue a run (anything that changes the scores)
+RESUME_KEYS = (
+    "list_sha256",
+    "num_entries",
+    "model_fingerprint",
+    "cfg",
+    "views_per_video",
+    "backend",
+    "channels_last",
+)
 STR = h5py.string_dtype()
 
 

@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", choices=sorted(BACKENDS), default="opencv", help="decoder")
     parser.add_argument("--batch-size", type=int, help="views per forward pass")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument(
+        "--no-channels-last",
+        action="store_true",
+        help="keep the default memory format (channels_last_3d is faster)",
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     parser.add_argument("-q", "--quiet", action="count", default=0, help="less logging")
     parser.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides")
@@ -66,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             topk=args.topk,
             features=args.features is not None,
+            channels_last=not args.no_channels_last,
         )
         names = None
         if args.labels:
