@@ -9,6 +9,13 @@ Typical use::
     views, meta = test_views("video.mp4", cfg)  # (30, 3, 8, 256, 256), view 10*ct + j
 """
 
+import os
+
+# FFmpeg and OpenCV write to stderr for every file they cannot open; the decoders report those
+# themselves, naming the file, so keep the libraries quiet unless the user sets these.
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+
 from .class_names import read_class_names
 from .decoders import (
     MAX_DECODING_FRAMES,
