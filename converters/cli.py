@@ -18,7 +18,7 @@ import sys
 from ..core.config import ConfigError
 from ..models.checkpoint import CheckpointError
 from ..models.zoo import UnknownModelError
-from ..utils.log import setup_logging
+from ..utils.log import add_logging_arguments, setup_logging
 from .convert import convert_blobs
 from .convert_file import convert_checkpoint
 from .errors import Caffe2FormatError, ConversionError
@@ -113,8 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     export.add_argument(
         "--model-iter", type=int, default=None, help="write a model_iter entry (omitted by default)"
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
-    parser.add_argument("-q", "--quiet", action="count", default=0, help="less logging")
+    add_logging_arguments(parser)
     args = parser.parse_intermixed_args(argv)
     _split_positionals(parser, args)
     return args

@@ -130,6 +130,24 @@ def is_trainable(name: str, arch: Arch) -> bool:
 
 
 # The released models, described by the specification's table 5.2 (name -> Arch fields).
+# Config overrides of the i3d_nonlocal_8x8 model and the architecture they give, for the
+# flag-by-flag inventory checks of the port and of the reference graph.
+FLAG_CASES: list[tuple[list[str], Arch]] = [
+    # arc 2 with depth 101: res4 lists padded with zeros, as the original pads them
+    (["MODEL.DEPTH", "101"], Arch(arc=2, depth=101)),
+    (["NONLOCAL.NO_BIAS", "1"], Arch(nl_bias=False)),
+    (["NONLOCAL.USE_BN", "False"], Arch(nl_bn=False)),
+    (
+        ["NONLOCAL.USE_BN", "False", "NONLOCAL.USE_AFFINE", "True"],
+        Arch(nl_bn=False, nl_affine=True),
+    ),
+    (["NONLOCAL.LAYER_MOD", "1"], Arch(layer_mod=1)),
+    (["NONLOCAL.CONV3_NONLOCAL", "False"], Arch(conv3_nonlocal=False)),
+    (["NONLOCAL.CONV4_NONLOCAL", "False"], Arch(conv4_nonlocal=False)),
+    (["MODEL.NUM_CLASSES", "101"], Arch(num_classes=101)),
+    (["MODEL.USE_AFFINE", "True", "NONLOCAL.USE_BN", "False"], Arch(affine=True, nl_bn=False)),
+]
+
 RELEASED: dict[str, dict] = {
     "c2d_baseline_32x2_IN_pretrain_400k": dict(arc=1, conv3_nonlocal=False, conv4_nonlocal=False),
     "c2d_nonlocal_32x2_IN_pretrain_400k": dict(arc=1),

@@ -4,7 +4,7 @@ in creation order), derived independently in ``blob_inventory.py`` from the spec
 from __future__ import annotations
 
 import pytest
-from blob_inventory import RELEASED, Arch, expected_blobs, is_running_stat
+from blob_inventory import FLAG_CASES, RELEASED, Arch, expected_blobs, is_running_stat
 
 import nonlocal_net as nl
 from nonlocal_net.models.layers import AffineNd
@@ -41,23 +41,7 @@ def test_r101_inventory(arc, split):
     _check(model, Arch(arc=arc, depth=101, split=split))
 
 
-@pytest.mark.parametrize(
-    "overrides, arch",
-    [
-        # arc 2 with depth 101: res4 lists padded with zeros, as the original pads them
-        (["MODEL.DEPTH", "101"], Arch(arc=2, depth=101)),
-        (["NONLOCAL.NO_BIAS", "1"], Arch(nl_bias=False)),
-        (["NONLOCAL.USE_BN", "False"], Arch(nl_bn=False)),
-        (
-            ["NONLOCAL.USE_BN", "False", "NONLOCAL.USE_AFFINE", "True"],
-            Arch(nl_bn=False, nl_affine=True),
-        ),
-        (["NONLOCAL.LAYER_MOD", "1"], Arch(layer_mod=1)),
-        (["NONLOCAL.CONV3_NONLOCAL", "False"], Arch(conv3_nonlocal=False)),
-        (["NONLOCAL.CONV4_NONLOCAL", "False"], Arch(conv4_nonlocal=False)),
-        (["MODEL.NUM_CLASSES", "101"], Arch(num_classes=101)),
-    ],
-)
+@pytest.mark.parametrize("overrides, arch", FLAG_CASES)
 def test_flag_inventory(overrides, arch):
     _check(
         nl.build_model("i3d_nonlocal_8x8_IN_pretrain_400k", split="val", overrides=overrides), arch

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from blob_inventory import RELEASED, Arch, expected_blobs
+from blob_inventory import FLAG_CASES, RELEASED, Arch, expected_blobs
 from synthetic_blobs import make_blobs
 
 import nonlocal_net as nl
@@ -49,23 +49,7 @@ def test_r101_inventory(arc, split):
     assert _inventory(graph) == expected_blobs(Arch(arc=arc, depth=101, split=split))
 
 
-@pytest.mark.parametrize(
-    "overrides, arch",
-    [
-        (["MODEL.DEPTH", "101"], Arch(arc=2, depth=101)),  # arc lists padded with 0
-        (["NONLOCAL.NO_BIAS", "1"], Arch(nl_bias=False)),
-        (["NONLOCAL.USE_BN", "False"], Arch(nl_bn=False)),
-        (
-            ["NONLOCAL.USE_BN", "False", "NONLOCAL.USE_AFFINE", "True"],
-            Arch(nl_bn=False, nl_affine=True),
-        ),
-        (["NONLOCAL.LAYER_MOD", "1"], Arch(layer_mod=1)),
-        (["NONLOCAL.CONV3_NONLOCAL", "False"], Arch(conv3_nonlocal=False)),
-        (["NONLOCAL.CONV4_NONLOCAL", "False"], Arch(conv4_nonlocal=False)),
-        (["MODEL.NUM_CLASSES", "101"], Arch(num_classes=101)),
-        (["MODEL.USE_AFFINE", "True", "NONLOCAL.USE_BN", "False"], Arch(affine=True, nl_bn=False)),
-    ],
-)
+@pytest.mark.parametrize("overrides, arch", FLAG_CASES)
 def test_flag_inventory(overrides, arch):
     assert _inventory(_graph(NL_8X8, "val", overrides)) == expected_blobs(arch)
 

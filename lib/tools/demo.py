@@ -36,7 +36,7 @@ from ..datasets.synthetic import DEFAULT_SPECS, write_dataset
 from ..engine import evaluate
 from ..engine.metrics import format_report
 from ..models import build_model, get_zoo_entry, list_models
-from ..utils.log import setup_logging
+from ..utils.log import add_logging_arguments, setup_logging
 from ..verify import verify_checkpoint
 
 logger = logging.getLogger("nonlocal_net.demo")
@@ -75,8 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="instead: build every released model, count its parameters, run one clip",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
-    parser.add_argument("-q", "--quiet", action="count", default=0, help="less logging")
+    add_logging_arguments(parser)
     return parser.parse_args(argv)
 
 

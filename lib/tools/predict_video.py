@@ -17,7 +17,7 @@ from ..datasets.decoders import BACKENDS, VideoDecodeError
 from ..engine.predict import predict_video
 from ..models.checkpoint import CheckpointError
 from ..utils.io import atomic_write
-from ..utils.log import setup_logging
+from ..utils.log import add_logging_arguments, setup_logging
 
 logger = logging.getLogger("nonlocal_net.predict")
 
@@ -52,8 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the default memory format (channels_last_3d is faster)",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
-    parser.add_argument("-q", "--quiet", action="count", default=0, help="less logging")
+    add_logging_arguments(parser)
     parser.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides")
     return parser
 

@@ -13,7 +13,7 @@ import logging
 from ..engine.evaluator import score_results, write_report
 from ..engine.metrics import format_report
 from ..engine.results import ResultsError
-from ..utils.log import setup_logging
+from ..utils.log import add_logging_arguments, setup_logging
 
 logger = logging.getLogger("nonlocal_net.score")
 
@@ -31,8 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="list file whose labels to score against (default: the labels stored in the file)",
     )
     parser.add_argument("--report", help="also write the report as JSON here")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
-    parser.add_argument("-q", "--quiet", action="count", default=0, help="less logging")
+    add_logging_arguments(parser)
     return parser
 
 

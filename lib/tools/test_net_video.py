@@ -22,7 +22,7 @@ from ..engine.evaluator import evaluate
 from ..engine.metrics import format_report
 from ..engine.results import ResultsError
 from ..models.checkpoint import CheckpointError
-from ..utils.log import setup_logging
+from ..utils.log import add_logging_arguments, setup_logging
 
 logger = logging.getLogger("nonlocal_net.test")
 
@@ -90,8 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         "by float32 rounding)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
-    parser.add_argument("-q", "--quiet", action="count", default=0, help="less logging")
+    add_logging_arguments(parser)
     parser.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides")
     return parser
 

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
+
+
+def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``-v/--verbose`` and ``-q/--quiet`` counters every command line shares."""
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    parser.add_argument("-q", "--quiet", action="count", default=0, help="less logging")
 
 
 def setup_logging(verbosity: int = 0) -> None:

@@ -28,7 +28,7 @@ from ..models.checkpoint import CheckpointError
 from ..models.zoo import UnknownModelError
 from ..reference import Caffe2Error
 from ..utils.io import atomic_write
-from ..utils.log import setup_logging
+from ..utils.log import add_logging_arguments, setup_logging
 from .compare import DEFAULT_TOLERANCE
 from .conversion import verify_checkpoint
 
@@ -157,8 +157,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bars (default: on a terminal)"
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
-    parser.add_argument("-q", "--quiet", action="count", default=0, help="less logging")
+    add_logging_arguments(parser)
     args = parser.parse_intermixed_args(argv)
     rest = list(args.args)
     if not rest:
