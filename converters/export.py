@@ -23,7 +23,6 @@ from ..core.config import get_default_cfg
 from ..models.checkpoint import cfg_from_dict, load_checkpoint
 from .errors import ConversionError
 from .names import try_state_dict_key_to_blob
-from .safetensors_io import load_safetensors_checkpoint
 from .writer import write_caffe2_pkl
 
 __all__ = ["Caffe2Export", "export_caffe2", "state_dict_to_blobs"]
@@ -77,10 +76,7 @@ def _load_source(source: Any) -> tuple[Mapping[str, Any], dict[str, Any], Any, s
     if isinstance(source, Mapping):
         return source, {}, None, "state_dict"
     path = os.fspath(source)
-    if path.endswith(".safetensors"):
-        data = load_safetensors_checkpoint(path)
-    else:
-        data = load_checkpoint(path)
+    data = load_checkpoint(path)  # .pt or .safetensors
     cfg = cfg_from_dict(data["cfg"], source=f"{path} [cfg]")
     return data["state_dict"], data["meta"], cfg, path
 

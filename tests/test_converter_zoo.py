@@ -11,6 +11,7 @@ features; the ``slow`` variant runs whole models on real 256x256 test crops.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import zlib
 
 import numpy as np
@@ -161,6 +162,16 @@ def test_round_trip_through_the_conversion_scripts_layout_and_safetensors(conver
     assert loaded["meta"]["counts"] == reference["meta"]["counts"]
     assert loaded["state_dict"].keys() == reference["state_dict"].keys()
     assert all(torch.equal(loaded["state_dict"][k], v) for k, v in reference["state_dict"].items())
+    # load_model reads it like the .pt; a renamed copy is recognised by its header
+    renamed = tmp_path / "model.weights"
+    shutil.copyfile(sft, renamed)
+    for path in (sft, renamed):
+        model = nl.load_model(path, split="val")
+        assert (
+            model.cfg.TRAIN.VIDEO_LENGTH == 32
+            and model.state_dict().keys() == loaded["state_dict"].keys()
+        )
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in loaded["state_dict"].items())
     export_caffe2(sft, tmp_path / "from_safetensors.pkl")
     again = read_caffe2_pkl(tmp_path / "from_safetensors.pkl")
     assert all(again.blobs[k].tobytes() == v.tobytes() for k, v in params.items())

@@ -11,6 +11,8 @@ reads (no pickled classes), holding a dict::
     }
 
 :func:`load_model` rebuilds the model from the stored config and loads the weights strictly.
+Both functions also read the same content written as ``.safetensors``
+(:mod:`nonlocal_net.converters.safetensors_io`).
 """
 
 from __future__ import annotations
@@ -96,9 +98,30 @@ def _describe_non_torch_file(path: str) -> str:
     return ""
 
 
+def _is_safetensors(path: str) -> bool:
+    """A ``.safetensors`` name, or a file that starts as one: 8-byte little-endian header length,
+    then the JSON header's ``{`` (a ``torch.save`` file starts with ``PK``)."""
+    if path.endswith(".safetensors"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 1 << 32
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Read a converted checkpoint with ``weights_only=True`` and check its structure."""
+    """Read a converted checkpoint (``torch.save`` with ``weights_only=True``, or
+    ``.safetensors``) and check its structure."""
     path = os.fspath(path)
+    if _is_safetensors(path):
+        # converters depends on models, not the other way round: import where needed
+        from ..converters.safetensors_io import load_safetensors_checkpoint
+
+        data = load_safetensors_checkpoint(path)
+        data["state_dict"] = {k: v.to(map_location) for k, v in data["state_dict"].items()}
+        return data
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
