@@ -60,6 +60,9 @@ ALLOWED_GLOBALS: dict[tuple[str, str], str] = {
 
 # Every opcode byte of any pickle protocol (what a pickle can start with).
 PICKLE_OPCODES = frozenset(op.code.encode("latin-1") for op in pickletools.opcodes)
+# The protocol that introduced each opcode: a pickle without PROTO (protocols 0 and 1) is of the
+# highest protocol among its opcodes, as ``pickletools.dis`` reports it.
+_OPCODE_PROTOCOL = {op.code.encode("latin-1"): op.proto for op in pickletools.opcodes}
 
 # Numeric dtypes only: booleans, integers, floats, complex (numpy's pickled type strings).
 _NUMERIC_TYPESTR = re.compile(r"(b1|[iu][1248]|f[248]|c(8|16))")
@@ -180,7 +183,8 @@ class SafeUnpickler:
         self.path = path
         self.size = size
         self.lazy = size is not None and f.seekable()
-        self.protocol = 0
+        self.protocol = 0  # PROTO's argument, or the highest protocol of the opcodes read
+        self._declared = False
         self.memo: dict[int, Any] = {}
         self.stack: list[Any] = []
         self.metastack: list[list[Any]] = []
@@ -434,7 +438,10 @@ class SafeUnpickler:
                 )
             self._op_name = _OPCODE_NAMES.get(op, f"opcode {op!r}")
             stack = self.stack
+            if not self._declared and _OPCODE_PROTOCOL.get(op, 0) > self.protocol:
+                self.protocol = _OPCODE_PROTOCOL[op]
             if op == b"\x80":  # PROTO
+                self._declared = True
                 self.protocol = self._read(1)[0]
                 if self.protocol > 5:
                     raise self._fail(f"unsupported pickle protocol {self.protocol}")

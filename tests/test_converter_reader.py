@@ -106,7 +106,7 @@ def test_python3_pickles_of_numpy2_arrays(tmp_path, protocol):
     }
     path = _write(tmp_path / "py3.pkl", pickle.dumps({"blobs": blobs}, protocol=protocol))
     ckpt = read_caffe2_pkl(path)
-    assert ckpt.lr == float(np.float32(0.01))
+    assert ckpt.lr == float(np.float32(0.01)) and ckpt.protocol == protocol
     for name in ("conv1_w", "fortran", "big_endian"):
         np.testing.assert_array_equal(ckpt.blobs[name], blobs[name])
 
