@@ -51,12 +51,27 @@ class NoWork(nn.Module):
         return torch.full((x.shape[0], k), 1.0 / k)
 
 
-def run(name: str, list_file: Path, model: nn.Module, workers: int, batch: int) -> dict:
+def run(
+    name: str,
+    list_file: Path,
+    model: nn.Module,
+    workers: int,
+    batch: int,
+    channels_last: bool = True,
+) -> dict:
     start = time.perf_counter()
-    report = evaluate(list_file, model=model, workers=workers, batch_size=batch, progress=True)
+    report = evaluate(
+        list_file,
+        model=model,
+        workers=workers,
+        batch_size=batch,
+        progress=True,
+        channels_last=channels_last,
+    )
     t = report["throughput"]
     return {
         "case": name,
+        "layout": "channels_last_3d" if channels_last else "contiguous",
         "workers": workers,
         "batch": batch,
         "videos": t["videos"],
@@ -95,7 +110,8 @@ def main() -> None:
         for workers in sorted({0, args.workers}):
             rows.append(run("data pipeline only", data.list_file, no_work, workers, 10))
         model = nl.build_model(MODEL, split="test")
-        rows.append(run("I3D-NL 8x8 @256 (CPU)", short, model, args.workers, 8))
+        for channels_last in (True, False):  # vnl-test's default, and --no-channels-last
+            rows.append(run("I3D-NL 8x8 @256 (CPU)", short, model, args.workers, 8, channels_last))
     lines = [
         "# Evaluation throughput",
         "",
@@ -109,13 +125,14 @@ def main() -> None:
         f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}; "
         f"Python {platform.python_version()}.",
         "",
-        "| case | workers | batch | videos | views | wall s | start-up s | videos/s | clips/s | "
-        "decode+resize s/video | decode share | model waited |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| case | memory format | workers | batch | videos | views | wall s | start-up s | "
+        "videos/s | clips/s | decode+resize s/video | decode share | model waited |",
+        "| --- | --- |" + " ---: |" * 11,
     ]
     for r in rows:
         lines.append(
-            f"| {r['case']} | {r['workers']} | {r['batch']} | {r['videos']} | {r['views']} | "
+            f"| {r['case']} | {r['layout']} | {r['workers']} | {r['batch']} | {r['videos']} | "
+            f"{r['views']} | "
             f"{r['wall']:.1f} | {r['startup']:.1f} | {r['videos_s']:.3f} | {r['clips_s']:.2f} | "
             f"{r['decode_s_per_video']:.3f} | {100 * r['decode_share']:.1f}% | "
             f"{100 * r['wait_share']:.1f}% |"

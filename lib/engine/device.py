@@ -17,9 +17,10 @@ def prepare_for_inference(
     """Eval mode, on ``device``, in place.
 
     ``channels_last``: weights in the ``channels_last_3d`` memory format, which PyTorch's conv3d
-    kernels run markedly faster (about 1.6x on this project's CPU benchmark machine; the results
-    differ from the default layout only by float32 rounding, ~1e-7 relative). ``allow_tf32``: on
-    CUDA, whether TF32 may be used; off by default because the original ran full fp32.
+    kernels run faster (about 1.4x the clips per second on the CPU of ``benchmarks/eval.md``; the
+    results differ from the default layout only by float32 rounding, ~1e-7 relative).
+    ``allow_tf32``: on CUDA, whether TF32 may be used; off by default because the original ran
+    full fp32.
     """
     split = getattr(model, "split", "test")
     if split != "test":
