@@ -18,7 +18,7 @@ import sys
 from ..core.config import ConfigError
 from ..models.checkpoint import CheckpointError
 from ..models.zoo import UnknownModelError
-from ..utils.log import add_logging_arguments, setup_logging
+from ..utils.log import add_logging_arguments, run_reporting_errors, setup_logging
 from .convert import convert_blobs
 from .convert_file import convert_checkpoint
 from .errors import Caffe2FormatError, ConversionError
@@ -181,13 +181,7 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose - args.quiet)
-    try:
-        return _run(args)
-    except EXPECTED_ERRORS as e:
-        if args.verbose:
-            raise
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
+    return run_reporting_errors(PROG, lambda: _run(args), EXPECTED_ERRORS, verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 
 
 def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,3 +28,22 @@ def setup_logging(verbosity: int = 0) -> None:
         datefmt="%H:%M:%S",
         force=True,
     )
+
+
+def run_reporting_errors(
+    prog: str,
+    run: Callable[[], int],
+    expected: tuple[type[BaseException], ...],
+    *,
+    verbose: int = 0,
+    error_status: int = 1,
+) -> int:
+    """Run a command's body; an ``expected`` error becomes ``PROG: error: MESSAGE`` on stderr and
+    ``error_status`` (with ``-v`` it is raised instead, traceback included)."""
+    try:
+        return run()
+    except expected as e:
+        if verbose:
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return error_status

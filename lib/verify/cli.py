@@ -28,7 +28,7 @@ from ..models.checkpoint import CheckpointError
 from ..models.zoo import UnknownModelError
 from ..reference import Caffe2Error
 from ..utils.io import atomic_write
-from ..utils.log import add_logging_arguments, setup_logging
+from ..utils.log import add_logging_arguments, run_reporting_errors, setup_logging
 from .compare import DEFAULT_TOLERANCE
 from .conversion import verify_checkpoint
 
@@ -222,13 +222,9 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose - args.quiet)
-    try:
-        return _run(args)
-    except EXPECTED_ERRORS as e:
-        if args.verbose:
-            raise
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+    return run_reporting_errors(
+        PROG, lambda: _run(args), EXPECTED_ERRORS, verbose=args.verbose, error_status=EXIT_ERROR
+    )
 
 
 if __name__ == "__main__":
