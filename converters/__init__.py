@@ -4,8 +4,8 @@
 * :func:`convert_blobs` maps its blobs totally onto a model's state_dict (folding BN into frozen
   affines, inflating 2-D weights, dropping a classifier of another class count, as the original's
   loader and scripts do) and reports every blob;
-* :func:`convert_checkpoint` does both and writes a ``.pt`` (or ``.safetensors``) file that
-  :func:`nonlocal_net.load_model` loads;
+* :func:`convert_caffe2_pkl` does both in memory; :func:`convert_checkpoint` also writes the
+  result as a weights file (``.pt`` or ``.safetensors``) that :func:`nonlocal_net.load_model` loads;
 * :func:`export_caffe2` and :func:`write_caffe2_pkl` go back to Caffe2 pickles that Python 2.7 +
   numpy 1.x read.
 
@@ -13,7 +13,13 @@ Command line: ``vnl-convert`` / ``python -m nonlocal_net.converters`` (see ``--h
 """
 
 from .convert import ConversionReport, ConversionResult, convert_blobs, model_targets
-from .convert_file import CONVERTER_VERSION, convert_checkpoint, sha256_file
+from .convert_file import (
+    CONVERTER_VERSION,
+    ConvertedWeights,
+    convert_caffe2_pkl,
+    convert_checkpoint,
+    sha256_file,
+)
 from .errors import Caffe2FormatError, ConversionError, UnsafePickleError
 from .export import Caffe2Export, export_caffe2, state_dict_to_blobs
 from .names import (
@@ -23,8 +29,7 @@ from .names import (
     try_blob_to_state_dict_key,
     try_state_dict_key_to_blob,
 )
-from .reader import ArrayInfo, Caffe2Checkpoint, read_caffe2_pkl
-from .safetensors_io import load_safetensors_checkpoint, save_safetensors_checkpoint
+from .reader import ArrayInfo, Caffe2Pkl, read_caffe2_pkl
 from .transforms import fold_bn, inflate_weight
 from .writer import write_caffe2_pkl
 
@@ -32,23 +37,23 @@ __all__ = [
     "CONVERTER_VERSION",
     "NAME_RULES",
     "ArrayInfo",
-    "Caffe2Checkpoint",
     "Caffe2Export",
     "Caffe2FormatError",
+    "Caffe2Pkl",
     "ConversionError",
     "ConversionReport",
     "ConversionResult",
+    "ConvertedWeights",
     "UnsafePickleError",
     "blob_to_state_dict_key",
     "convert_blobs",
+    "convert_caffe2_pkl",
     "convert_checkpoint",
     "export_caffe2",
     "fold_bn",
     "inflate_weight",
-    "load_safetensors_checkpoint",
     "model_targets",
     "read_caffe2_pkl",
-    "save_safetensors_checkpoint",
     "sha256_file",
     "state_dict_key_to_blob",
     "state_dict_to_blobs",

@@ -15,10 +15,11 @@ import logging
 import re
 import sys
 
-from ..core.config import ConfigError
-from ..models.checkpoint import CheckpointError
-from ..models.zoo import UnknownModelError
-from ..utils.log import add_logging_arguments, run_reporting_errors, setup_logging
+from nonlocal_net.core.config import ConfigError, get_cfg
+from nonlocal_net.core.weights_file import WeightsFileError
+from nonlocal_net.core.zoo import UnknownModelError
+from nonlocal_net.utils.log import add_logging_arguments, run_reporting_errors, setup_logging
+
 from .convert import convert_blobs
 from .convert_file import convert_checkpoint
 from .errors import Caffe2FormatError, ConversionError
@@ -35,7 +36,7 @@ EXPECTED_ERRORS = (
     Caffe2FormatError,
     ConversionError,
     ConfigError,
-    CheckpointError,
+    WeightsFileError,
     UnknownModelError,
     OSError,
     ImportError,
@@ -156,8 +157,6 @@ def _run(args: argparse.Namespace) -> int:
             f"pickle protocol {result.protocol}, {'wrapped' if result.wrapped else 'flat'}"
         )
         return 0
-    from ..models.model_builder import get_cfg
-
     cfg = get_cfg(args.model or args.cfg, args.overrides)
     options = dict(
         inflate=args.inflate, finetune=args.finetune, fold_bn=False if args.no_fold_bn else None

@@ -29,8 +29,10 @@ import numpy as np
 import torch
 from yacs.config import CfgNode
 
-from ..models.layers import AffineNd, SpatialBN
-from ..models.model_builder import build_model, get_cfg
+from nonlocal_net.core.config import get_cfg
+from nonlocal_net.models.layers import AffineNd, SpatialBN
+from nonlocal_net.models.model_builder import build_model
+
 from .errors import ConversionError
 from .names import is_nonlocal_key, state_dict_key_to_blob, try_blob_to_state_dict_key
 from .reader import MOMENTUM_SUFFIX, SCALAR_ENTRIES

@@ -1,4 +1,5 @@
-"""Convert a Caffe2 ``.pkl`` file into a converted-weights file (``.pt`` or ``.safetensors``)."""
+"""Convert a Caffe2 ``.pkl`` file into weights: in memory (:func:`convert_caffe2_pkl`) or into a
+weights file (``.pt`` or ``.safetensors``, :func:`convert_checkpoint`)."""
 
 from __future__ import annotations
 
@@ -6,18 +7,27 @@ import hashlib
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from yacs.config import CfgNode
 
-from .. import __version__
-from ..models.checkpoint import save_checkpoint
-from ..models.model_builder import get_cfg
-from .convert import ConversionReport, convert_blobs
-from .reader import Caffe2Checkpoint, read_caffe2_pkl
-from .safetensors_io import save_safetensors_checkpoint
+from nonlocal_net.core.config import get_cfg
+from nonlocal_net.core.weights_file import save_weights_file, weights_payload
+from nonlocal_net.version import __version__
 
-__all__ = ["CONVERTER_VERSION", "convert_checkpoint", "converter_version", "sha256_file"]
+from .convert import ConversionReport, convert_blobs
+from .reader import Caffe2Pkl, read_caffe2_pkl
+
+__all__ = [
+    "CONVERTER_VERSION",
+    "ConvertedWeights",
+    "convert_caffe2_pkl",
+    "convert_checkpoint",
+    "converter_version",
+    "sha256_file",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -38,20 +48,56 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def conversion_meta(
-    ckpt: Caffe2Checkpoint, report: ConversionReport, sha256: str
-) -> dict[str, Any]:
+def conversion_meta(pkl: Caffe2Pkl, report: ConversionReport, sha256: str) -> dict[str, Any]:
     """Provenance stored with the converted weights."""
     return {
-        "source": os.path.basename(ckpt.path),
+        "source": os.path.basename(pkl.path),
         "source_sha256": sha256,
-        "source_bytes": ckpt.size,
-        "source_layout": ckpt.describe(),
-        "source_lr": ckpt.lr,
-        "source_model_iter": ckpt.model_iter,
+        "source_bytes": pkl.size,
+        "source_layout": pkl.describe(),
+        "source_lr": pkl.lr,
+        "source_model_iter": pkl.model_iter,
         "converter_version": converter_version(),
         **report.to_meta(),
     }
+
+
+@dataclass(frozen=True)
+class ConvertedWeights:
+    """A Caffe2 ``.pkl`` converted in memory: what a weights file would hold, and the report."""
+
+    state_dict: dict[str, torch.Tensor]
+    cfg: CfgNode
+    meta: dict[str, Any]
+    report: ConversionReport
+
+    def payload(self) -> dict[str, Any]:
+        """The content of the weights file :func:`convert_checkpoint` would write."""
+        return weights_payload(self.state_dict, self.cfg, self.meta)
+
+
+def convert_caffe2_pkl(
+    src_pkl: str | os.PathLike,
+    cfg: CfgNode | str | os.PathLike,
+    *,
+    overrides: Sequence[str] = (),
+    inflate: bool = False,
+    finetune: bool = False,
+    fold_bn: bool | None = None,
+) -> ConvertedWeights:
+    """Read the Caffe2 checkpoint ``src_pkl`` with the safe reader and convert it totally for
+    the model ``cfg`` (a config, zoo name or YAML path, with ``KEY VALUE`` ``overrides``), in
+    memory. See :func:`convert_blobs` for ``inflate``, ``finetune`` and ``fold_bn``; it raises
+    what they raise. Momentum payloads are never read."""
+    cfg = get_cfg(cfg, overrides)
+    src = os.fspath(src_pkl)
+    pkl = read_caffe2_pkl(src, load_momentum=False)
+    logger.info("%s: %s", src, pkl.describe())
+    result = convert_blobs(
+        pkl.entries(), cfg, inflate=inflate, finetune=finetune, fold_bn=fold_bn, source=src
+    )
+    meta = conversion_meta(pkl, result.report, sha256_file(src))
+    return ConvertedWeights(result.state_dict, cfg, meta, result.report)
 
 
 def convert_checkpoint(
@@ -65,28 +111,20 @@ def convert_checkpoint(
     fold_bn: bool | None = None,
     safetensors: bool | None = None,
 ) -> ConversionReport:
-    """Convert the Caffe2 checkpoint ``src_pkl`` for the model ``cfg`` (a config, zoo name or
-    YAML path, with ``KEY VALUE`` ``overrides``) and write it to ``dst``.
+    """Convert the Caffe2 checkpoint ``src_pkl`` (:func:`convert_caffe2_pkl`) and write it to
+    the weights file ``dst``.
 
-    ``dst`` is a ``torch.save`` file (:func:`nonlocal_net.models.checkpoint.save_checkpoint`,
-    readable with ``nl.load_model``) or, with ``safetensors=True`` or a ``.safetensors`` suffix,
-    a safetensors file. Both hold the state_dict, the config and the meta (source name and
-    SHA-256, counts of mapped / ignored / folded / inflated blobs, converter version). See
-    :func:`convert_blobs` for ``inflate``, ``finetune`` and ``fold_bn``. Writing is atomic;
-    nothing is written when the conversion fails. Momentum payloads are never read.
+    ``dst`` is a ``torch.save`` file (readable with ``nl.load_model``) or, with
+    ``safetensors=True`` or a ``.safetensors`` suffix, a safetensors file
+    (:mod:`nonlocal_net.core.weights_file`). Both hold the state_dict, the config and the meta
+    (source name and SHA-256, counts of mapped / ignored / folded / inflated blobs, converter
+    version). Writing is atomic; nothing is written when the conversion fails.
     """
-    cfg = get_cfg(cfg, overrides)
-    src = os.fspath(src_pkl)
-    ckpt = read_caffe2_pkl(src, load_momentum=False)
-    logger.info("%s: %s", src, ckpt.describe())
-    result = convert_blobs(
-        ckpt.entries(), cfg, inflate=inflate, finetune=finetune, fold_bn=fold_bn, source=src
+    converted = convert_caffe2_pkl(
+        src_pkl, cfg, overrides=overrides, inflate=inflate, finetune=finetune, fold_bn=fold_bn
     )
-    meta = conversion_meta(ckpt, result.report, sha256_file(src))
-    as_safetensors = safetensors if safetensors is not None else str(dst).endswith(".safetensors")
-    if as_safetensors:
-        save_safetensors_checkpoint(dst, result.state_dict, cfg, meta)
-    else:
-        save_checkpoint(dst, result.state_dict, cfg, meta)
+    save_weights_file(
+        dst, converted.state_dict, converted.cfg, converted.meta, safetensors=safetensors
+    )
     logger.info("wrote %s", os.fspath(dst))
-    return result.report
+    return converted.report

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.config import get_default_cfg
-from ..models.checkpoint import cfg_from_dict, load_checkpoint
+from nonlocal_net.core.config import cfg_from_dict, get_default_cfg
+from nonlocal_net.core.weights_file import load_weights_file
+
 from .errors import ConversionError
 from .names import try_state_dict_key_to_blob
 from .writer import write_caffe2_pkl
@@ -76,7 +77,7 @@ def _load_source(source: Any) -> tuple[Mapping[str, Any], dict[str, Any], Any, s
     if isinstance(source, Mapping):
         return source, {}, None, "state_dict"
     path = os.fspath(source)
-    data = load_checkpoint(path)  # .pt or .safetensors
+    data = load_weights_file(path)  # .pt or .safetensors
     cfg = cfg_from_dict(data["cfg"], source=f"{path} [cfg]")
     return data["state_dict"], data["meta"], cfg, path
 

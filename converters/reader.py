@@ -30,7 +30,7 @@ __all__ = [
     "MOMENTUM_SUFFIX",
     "SCALAR_ENTRIES",
     "ArrayInfo",
-    "Caffe2Checkpoint",
+    "Caffe2Pkl",
     "read_caffe2_pkl",
 ]
 
@@ -54,7 +54,7 @@ class ArrayInfo:
 
 
 @dataclass
-class Caffe2Checkpoint:
+class Caffe2Pkl:
     """The contents of a Caffe2 ``.pkl``.
 
     Attributes:
@@ -158,7 +158,7 @@ def _open_checked(path: str) -> int:
         raise Caffe2FormatError(f"{path}: no such file") from None
 
 
-def read_caffe2_pkl(path: str | os.PathLike, *, load_momentum: bool = True) -> Caffe2Checkpoint:
+def read_caffe2_pkl(path: str | os.PathLike, *, load_momentum: bool = True) -> Caffe2Pkl:
     """Read a Caffe2 checkpoint without executing anything from it.
 
     Accepts the original's wrapped protocol-2 training checkpoints and its flat protocol-0
@@ -205,7 +205,7 @@ def read_caffe2_pkl(path: str | os.PathLike, *, load_momentum: bool = True) -> C
             raise Caffe2FormatError(
                 f"{path}: blob names must be strings, found {', '.join(map(repr, bad_keys[:5]))}"
             )
-        ckpt = Caffe2Checkpoint(
+        ckpt = Caffe2Pkl(
             path=path,
             blobs={},
             momentum={},

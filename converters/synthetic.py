@@ -25,7 +25,9 @@ import numpy as np
 import torch
 from yacs.config import CfgNode
 
-from ..models import build_model, get_cfg
+from nonlocal_net.core.config import get_cfg
+from nonlocal_net.models import build_model
+
 from .names import state_dict_key_to_blob
 from .writer import write_caffe2_pkl
 

@@ -27,7 +27,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from ..utils.io import atomic_write
+from nonlocal_net.utils.io import atomic_write
+
 from .reader import MOMENTUM_SUFFIX
 
 __all__ = ["write_caffe2_pkl"]

@@ -3,21 +3,26 @@
 Typical use::
 
     import nonlocal_net as nl
+    model = nl.create_model("i3d_nonlocal_8x8_IN_pretrain_400k", weights="released.pkl")
+    model = nl.load_model("converted.pt")
     cfg = nl.get_cfg("i3d_nonlocal_8x8_IN_pretrain_400k")
     model = nl.build_model(cfg, split="test")
 """
 
-from .core.config import ConfigError
-from .models import ZOO, build_model, get_cfg, get_zoo_entry, list_models
-from .models.checkpoint import load_model
-
-__version__ = "0.1.0"
+from .api import create_model, load_model
+from .core.config import ConfigError, get_cfg
+from .core.weights_file import WeightsFileError
+from .core.zoo import ZOO, get_zoo_entry, list_models
+from .models import build_model
+from .version import __version__
 
 __all__ = [
     "ZOO",
     "ConfigError",
+    "WeightsFileError",
     "__version__",
     "build_model",
+    "create_model",
     "get_cfg",
     "get_zoo_entry",
     "list_models",

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import nonlocal_net as nl
-from nonlocal_net.models.checkpoint import save_checkpoint
+from nonlocal_net.core.weights_file import save_weights_file
 
 # The real I3D non-local network, made cheap for pipeline tests: 2-frame clips, 224 crops
 # (1x1 pool5 positions), narrow bottlenecks, 7 classes. Stage widths and every layer type
@@ -47,7 +47,7 @@ def write_checkpoint(path, cfg, seed: int = 0):
                 module.bias.normal_(0.0, 0.05)
         model.pred.weight.mul_(300.0)
         model.pred.bias.normal_(0.0, 0.5)
-    save_checkpoint(path, model.state_dict(), cfg, {"source": "eval test, random weights"})
+    save_weights_file(path, model.state_dict(), cfg, {"source": "eval test, random weights"})
     return path
 
 

@@ -26,7 +26,7 @@ from blob_inventory import RELEASED, Arch
 from caffe2_fixtures import training_checkpoint_blobs, write_training_checkpoint
 
 import nonlocal_net as nl
-from nonlocal_net.models.checkpoint import cfg_to_dict
+from nonlocal_net.core.config import cfg_to_dict
 from nonlocal_net.verify import ParityReport, verify_checkpoint
 
 __all__ = [

@@ -18,7 +18,7 @@ from nonlocal_net.core.config import (
     cfg_from_list,
     get_default_cfg,
 )
-from nonlocal_net.models.zoo import BASE_CONFIGS
+from nonlocal_net.core.zoo import BASE_CONFIGS
 
 
 def test_defaults_are_the_originals():

@@ -32,9 +32,9 @@ from nonlocal_net.converters import (
     CONVERTER_VERSION,
     convert_checkpoint,
     export_caffe2,
-    load_safetensors_checkpoint,
     read_caffe2_pkl,
 )
+from nonlocal_net.core.weights_file import load_weights_file
 
 ZOO_NAMES = nl.list_models()
 
@@ -154,7 +154,7 @@ def test_round_trip_through_the_conversion_scripts_layout_and_safetensors(conver
     sft = tmp_path / "model.safetensors"
     src = write_training_checkpoint(tmp_path / "src.pkl", blobs)
     convert_checkpoint(src, sft, name)
-    loaded = load_safetensors_checkpoint(sft)
+    loaded = load_weights_file(sft)
     assert loaded["meta"]["source_sha256"] == _sha256(src)
     assert loaded["meta"]["source_bytes"] == src.stat().st_size
     reference = torch.load(dst, weights_only=True)

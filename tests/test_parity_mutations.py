@@ -26,8 +26,8 @@ from torch import nn
 
 import nonlocal_net as nl
 from nonlocal_net.converters import convert_blobs
+from nonlocal_net.core.weights_file import save_weights_file
 from nonlocal_net.models import model_builder
-from nonlocal_net.models.checkpoint import save_checkpoint
 from nonlocal_net.models.nonlocal_helper import NonLocalBlock
 from nonlocal_net.reference import build_graph, config_batch_size
 from nonlocal_net.verify import compare_port, random_clip, reference_outputs
@@ -217,7 +217,7 @@ def test_cli_fails_on_a_converted_file_with_mutated_blobs(
     mutate, label = BLOB_MUTATIONS[mutation]
     dst = tmp_path / "mutated.pt"
     cfg = SMALL.cfg()
-    save_checkpoint(dst, convert_blobs(mutate(blobs), cfg).state_dict, cfg)
+    save_weights_file(dst, convert_blobs(mutate(blobs), cfg).state_dict, cfg)
     rc, out = _cli([src, dst, *SMALL_ARGS], capsys)
     _assert_cli_names(rc, out, label)
 

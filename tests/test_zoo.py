@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import nonlocal_net as nl
-from nonlocal_net.models.zoo import PRETRAINED_INIT, ZOO, get_zoo_entry
+from nonlocal_net.core.zoo import PRETRAINED_INIT, ZOO, get_zoo_entry
 
 # name: (model file, arc, frames, rate, affine, non-local, dropout, top-1, top-5)
 TABLE_5_2 = {
@@ -118,7 +118,7 @@ def test_zoo_holds_exactly_the_released_files():
 def test_effective_config(name):
     model_name, arc, frames, rate, affine, nonlocal_on, dropout, top1, top5 = TABLE_5_2[name]
     entry = get_zoo_entry(name)
-    cfg = entry.cfg()
+    cfg = nl.get_cfg(name)
     assert cfg.MODEL.MODEL_NAME == model_name and cfg.MODEL.VIDEO_ARC_CHOICE == arc
     assert cfg.MODEL.DEPTH == 50 and cfg.MODEL.NUM_CLASSES == 400
     assert (cfg.TRAIN.VIDEO_LENGTH, cfg.TRAIN.SAMPLE_RATE) == (frames, rate)
@@ -137,10 +137,10 @@ def test_effective_config(name):
 
 
 def test_schedules_and_gpus():
-    assert get_zoo_entry("i3d_baseline_8x8_IN_pretrain_300k").cfg().SOLVER.MAX_ITER == 300000
-    four = get_zoo_entry("i3d_baseline_8x8_IN_pretrain_600k_4gpu").cfg()
+    assert nl.get_cfg("i3d_baseline_8x8_IN_pretrain_300k").SOLVER.MAX_ITER == 300000
+    four = nl.get_cfg("i3d_baseline_8x8_IN_pretrain_600k_4gpu")
     assert four.NUM_GPUS == 4 and four.SOLVER.STEPS == [0, 300000, 500000, 600000]
-    assert get_zoo_entry("i3d_baseline_8x8_IN_pretrain_300k_4gpu").cfg().TRAIN.JITTER_SCALES == [
+    assert nl.get_cfg("i3d_baseline_8x8_IN_pretrain_300k_4gpu").TRAIN.JITTER_SCALES == [
         256,
         256,
     ]

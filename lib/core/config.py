@@ -17,6 +17,11 @@ own:
 Type errors are :class:`ConfigTypeError` naming the key, the expected and the given type.
 :func:`assert_and_infer_cfg` then derives ``SOLVER.STEPS`` and checks the batch sizes, as the
 original does before building a model.
+
+Every config the project hands out is made by one sequence, :func:`build_cfg` (clone the base or
+the defaults, unfreeze, merge a mapping / a YAML file / ``KEY VALUE`` overrides, infer, freeze);
+:func:`get_cfg` is its public face (zoo name, YAML path, config or ``None``), and
+:func:`cfg_to_dict` / :func:`cfg_from_dict` are the plain-dict round-trip that weights files store.
 """
 
 from __future__ import annotations
@@ -30,13 +35,21 @@ from typing import Any
 import yaml
 from yacs.config import CfgNode
 
+from .zoo import ZOO, get_zoo_entry
+
 __all__ = [
+    "CfgLike",
     "ConfigError",
     "ConfigKeyError",
     "ConfigTypeError",
     "assert_and_infer_cfg",
+    "build_cfg",
+    "cfg_from_dict",
     "cfg_from_file",
     "cfg_from_list",
+    "cfg_from_mapping",
+    "cfg_to_dict",
+    "get_cfg",
     "get_default_cfg",
 ]
 
@@ -234,6 +247,13 @@ def _merge_mapping(cfg: CfgNode, data: Mapping, prefix: str, source: str) -> Non
         cfg[key] = copy.deepcopy(value)
 
 
+def cfg_from_mapping(cfg: CfgNode, data: Mapping, source: str = "<mapping>") -> CfgNode:
+    """Merge a nested mapping (as a YAML file holds it) into ``cfg`` in place, with the original
+    file rules (unknown keys are errors, exact type match); ``source`` names it in errors."""
+    _merge_mapping(cfg, data, "", source)
+    return cfg
+
+
 def cfg_from_file(cfg: CfgNode, filename: str | os.PathLike) -> CfgNode:
     """Merge an original-format YAML config file into ``cfg`` (in place) and return ``cfg``."""
     path = os.fspath(filename)
@@ -248,8 +268,7 @@ def cfg_from_file(cfg: CfgNode, filename: str | os.PathLike) -> CfgNode:
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: a config file must hold a mapping, got {_type_name(data)}")
-    _merge_mapping(cfg, data, "", path)
-    return cfg
+    return cfg_from_mapping(cfg, data, path)
 
 
 def cfg_from_list(cfg: CfgNode, args: Sequence[Any], source: str = "overrides") -> CfgNode:
@@ -305,3 +324,75 @@ def assert_and_infer_cfg(cfg: CfgNode) -> CfgNode:
                 f"({cfg.NUM_GPUS})"
             )
     return cfg
+
+
+def build_cfg(
+    base: CfgNode | None = None,
+    *,
+    mapping: Mapping | None = None,
+    mapping_source: str = "<mapping>",
+    yaml_file: str | os.PathLike | None = None,
+    overrides: Sequence[Any] = (),
+) -> CfgNode:
+    """The one way a config is made: a copy of ``base`` (the original defaults when ``None``),
+    then ``mapping``, then the YAML file, then the ``KEY VALUE`` ``overrides`` merged in that
+    order, ``SOLVER.STEPS`` inferred and the batch sizes checked; returned frozen. ``base`` is
+    not changed."""
+    cfg = get_default_cfg() if base is None else base.clone()
+    cfg.defrost()
+    if mapping is not None:
+        cfg_from_mapping(cfg, mapping, mapping_source)
+    if yaml_file is not None:
+        cfg_from_file(cfg, yaml_file)
+    cfg_from_list(cfg, list(overrides))
+    assert_and_infer_cfg(cfg)
+    cfg.freeze()
+    return cfg
+
+
+CfgLike = CfgNode | str | os.PathLike
+
+
+def get_cfg(source: CfgLike | None = None, overrides: Sequence[str] = ()) -> CfgNode:
+    """Return a frozen config.
+
+    ``source`` is a zoo name (``"i3d_nonlocal_8x8_IN_pretrain_400k"``, the released file name
+    without ``.pkl``), the path of an original-format YAML file, an existing config (copied), or
+    ``None`` for the bare original defaults. ``overrides`` are ``KEY VALUE`` pairs as on the
+    original command line, e.g. ``["MODEL.DEPTH", "101"]``. A zoo name gives the released
+    network's effective config: defaults <- its YAML's values <- its script's overrides <-
+    ``overrides``.
+    """
+    if source is None or isinstance(source, CfgNode):
+        return build_cfg(source, overrides=overrides)
+    text = os.fspath(source)
+    if text in ZOO or (not os.path.exists(text) and not text.endswith((".yaml", ".yml"))):
+        entry = get_zoo_entry(text)
+        return build_cfg(
+            mapping=entry.base_config(),
+            mapping_source=f"<zoo config {entry.config_file}>",
+            overrides=[*entry.overrides, *overrides],
+        )
+    return build_cfg(yaml_file=text, overrides=overrides)
+
+
+def cfg_to_dict(cfg: CfgNode) -> dict[str, Any]:
+    """A plain nested ``dict`` copy of a config (safe for ``torch.load(weights_only=True)``)."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {str(k): convert(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [convert(v) for v in value]
+        return value
+
+    return convert(cfg)
+
+
+def cfg_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> CfgNode:
+    """Rebuild a frozen config from :func:`cfg_to_dict` output; unknown keys are errors."""
+    data = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
+    solver = data.get("SOLVER")
+    if isinstance(solver, dict):
+        solver.pop("STEPS", None)  # derived again from STEP_SIZES
+    return build_cfg(mapping=data, mapping_source=source)

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..core.config import cfg_to_dict
 from ..datasets.decoders import available_backends
 from ..datasets.stream import (
     VideoItem,
@@ -34,7 +35,7 @@ from ..datasets.stream import (
 )
 from ..datasets.test_protocol import TestProtocol
 from ..datasets.video_list import VideoList, read_video_list
-from ..models.checkpoint import cfg_to_dict, load_model
+from ..models.model_builder import load_model
 from ..utils.io import atomic_write
 from .device import prepare_for_inference
 from .distributed import DistContext, init_distributed, shard
@@ -245,7 +246,7 @@ def _header(
 
 
 def _version() -> str:
-    from .. import __version__
+    from ..version import __version__
 
     return __version__
 

@@ -17,7 +17,7 @@ import torch
 
 from ..datasets.test_protocol import TestProtocol
 from ..datasets.test_views import VideoMeta, load_test_video
-from ..models.checkpoint import load_model
+from ..models.model_builder import load_model
 from .device import prepare_for_inference
 
 __all__ = ["Prediction", "predict_video"]

@@ -1,15 +1,7 @@
-"""Model definitions: the video ResNets, their blocks, and the released-model zoo."""
+"""Model definitions: the video ResNets and their blocks; :func:`build_model` and
+:func:`load_model`. The released-model zoo table is :mod:`nonlocal_net.core.zoo`."""
 
-from .model_builder import build_model, get_cfg
+from .model_builder import build_model, load_model
 from .resnet_video import ResNetVideo, obtain_arc
-from .zoo import ZOO, get_zoo_entry, list_models
 
-__all__ = [
-    "ZOO",
-    "ResNetVideo",
-    "build_model",
-    "get_cfg",
-    "get_zoo_entry",
-    "list_models",
-    "obtain_arc",
-]
+__all__ = ["ResNetVideo", "build_model", "load_model", "obtain_arc"]

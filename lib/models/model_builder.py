@@ -1,25 +1,22 @@
-"""Public entry points: :func:`get_cfg` and :func:`build_model`."""
+"""Public entry points: :func:`build_model` (a network from its config) and :func:`load_model`
+(a network from a weights file)."""
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
+import torch
 from yacs.config import CfgNode
 
-from ..core.config import (
-    ConfigError,
-    assert_and_infer_cfg,
-    cfg_from_file,
-    cfg_from_list,
-    get_default_cfg,
-)
+from ..core.config import CfgLike, ConfigError, build_cfg, cfg_from_dict, get_cfg
+from ..core.weights_file import WeightsFileError, load_weights_file
 from . import resnet_video, resnet_video_org
 from .resnet_video import SPLITS, ResNetVideo
-from .zoo import ZOO, get_zoo_entry
 
-__all__ = ["MODEL_CREATORS", "build_model", "get_cfg"]
+__all__ = ["MODEL_CREATORS", "build_model", "load_model", "model_from_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,35 +24,6 @@ MODEL_CREATORS: dict[str, Callable[[CfgNode, str], ResNetVideo]] = {
     "resnet_video": resnet_video.create_model,
     "resnet_video_org": resnet_video_org.create_model,
 }
-
-CfgLike = CfgNode | str | os.PathLike
-
-
-def get_cfg(source: CfgLike | None = None, overrides: Sequence[str] = ()) -> CfgNode:
-    """Return a frozen config.
-
-    ``source`` is a zoo name (``"i3d_nonlocal_8x8_IN_pretrain_400k"``, the released file name
-    without ``.pkl``), the path of an original-format YAML file, an existing config (copied), or
-    ``None`` for the bare original defaults. ``overrides`` are ``KEY VALUE`` pairs as on the
-    original command line, e.g. ``["MODEL.DEPTH", "101"]``.
-    """
-    if isinstance(source, CfgNode):
-        cfg = source.clone()
-        cfg.defrost()
-        cfg_from_list(cfg, list(overrides))
-    elif source is None:
-        cfg = get_default_cfg()
-        cfg_from_list(cfg, list(overrides))
-    else:
-        text = os.fspath(source)
-        if text in ZOO or (not os.path.exists(text) and not text.endswith((".yaml", ".yml"))):
-            return get_zoo_entry(text).cfg(list(overrides))
-        cfg = get_default_cfg()
-        cfg_from_file(cfg, text)
-        cfg_from_list(cfg, list(overrides))
-    assert_and_infer_cfg(cfg)
-    cfg.freeze()
-    return cfg
 
 
 def build_model(cfg: CfgLike, split: str = "test", overrides: Sequence[str] = ()) -> ResNetVideo:
@@ -75,4 +43,63 @@ def build_model(cfg: CfgLike, split: str = "test", overrides: Sequence[str] = ()
     model = MODEL_CREATORS[name](cfg, split)
     model.train(split == "train")
     model.cfg = cfg
+    return model
+
+
+def load_model(
+    path: str | os.PathLike,
+    split: str = "test",
+    overrides: Sequence[str] = (),
+    map_location: str | torch.device = "cpu",
+) -> ResNetVideo:
+    """Rebuild the model stored in a weights file (``.pt`` or ``.safetensors``) and load its
+    weights strictly.
+
+    ``overrides`` are ``KEY VALUE`` pairs applied to the stored config (for example
+    ``["TRAIN.VIDEO_LENGTH", "16"]``); any override that changes the parameter shapes makes the
+    strict load fail with a message listing the offending names. A Caffe2 ``.pkl`` is loaded by
+    :func:`nonlocal_net.load_model` (which converts it first).
+    """
+    path = os.fspath(path)
+    data = load_weights_file(path, map_location=map_location)
+    return model_from_weights(data, path, split, overrides, map_location)
+
+
+def model_from_weights(
+    weights: Mapping[str, Any],
+    source: str,
+    split: str = "test",
+    overrides: Sequence[str] = (),
+    map_location: str | torch.device = "cpu",
+) -> ResNetVideo:
+    """The model of a weights file's content (``state_dict``, ``cfg`` as a plain dict), with the
+    weights loaded strictly; ``source`` names it in errors (:class:`WeightsFileError`)."""
+    try:
+        cfg = cfg_from_dict(weights["cfg"], source=f"{source} [cfg]")
+        if overrides:
+            cfg = build_cfg(cfg, overrides=overrides)
+    except ConfigError as e:
+        raise WeightsFileError(str(e)) from e
+    model = build_model(cfg, split=split)
+    state = weights["state_dict"]
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(state) & set(expected)
+        if tuple(state[k].shape) != tuple(expected[k].shape)
+        and not (k == "pred.weight" and state[k].numel() == expected[k].numel())
+    )
+    if missing or unexpected or wrong:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", wrong)):
+            if items:
+                shown = ", ".join(items[:8]) + (
+                    f", ... ({len(items)} in all)" if len(items) > 8 else ""
+                )
+                parts.append(f"{label}: {shown}")
+        raise WeightsFileError(f"{source}: weights do not fit the model ({'; '.join(parts)})")
+    model.load_state_dict(state, strict=True)
+    model.to(map_location)
     return model

@@ -32,10 +32,11 @@ from tqdm import tqdm
 
 from ..converters.convert_file import convert_checkpoint
 from ..converters.synthetic import write_synthetic_checkpoint
+from ..core.zoo import get_zoo_entry, list_models
 from ..datasets.synthetic import DEFAULT_SPECS, write_dataset
 from ..engine import evaluate
 from ..engine.metrics import format_report
-from ..models import build_model, get_zoo_entry, list_models
+from ..models import build_model
 from ..utils.log import add_logging_arguments, setup_logging
 from ..verify import verify_checkpoint
 

@@ -12,10 +12,10 @@ import logging
 import numpy as np
 
 from ..core.config import ConfigError
+from ..core.weights_file import WeightsFileError
 from ..datasets.class_names import read_class_names
 from ..datasets.decoders import BACKENDS, VideoDecodeError
 from ..engine.predict import predict_video
-from ..models.checkpoint import CheckpointError
 from ..utils.io import atomic_write
 from ..utils.log import add_logging_arguments, setup_logging
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.labels:
             names = read_class_names(args.labels, num_classes=len(prediction.scores))
     except (
-        CheckpointError,
+        WeightsFileError,
         ConfigError,
         VideoDecodeError,
         FileNotFoundError,

@@ -17,11 +17,11 @@ import logging
 import os
 
 from ..core.config import ConfigError
+from ..core.weights_file import WeightsFileError
 from ..datasets.decoders import BACKENDS
 from ..engine.evaluator import evaluate
 from ..engine.metrics import format_report
 from ..engine.results import ResultsError
-from ..models.checkpoint import CheckpointError
 from ..utils.log import add_logging_arguments, setup_logging
 
 logger = logging.getLogger("nonlocal_net.test")
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             allow_tf32=args.allow_tf32,
             channels_last=not args.no_channels_last,
         )
-    except (CheckpointError, ResultsError, ConfigError, FileNotFoundError, ValueError) as e:
+    except (WeightsFileError, ResultsError, ConfigError, FileNotFoundError, ValueError) as e:
         logger.error("%s", e)
         return 1
     if rank == 0:

@@ -23,9 +23,9 @@ import sys
 
 from ..converters.errors import Caffe2FormatError, ConversionError
 from ..core.config import ConfigError
+from ..core.weights_file import WeightsFileError
+from ..core.zoo import UnknownModelError
 from ..datasets import VideoDecodeError
-from ..models.checkpoint import CheckpointError
-from ..models.zoo import UnknownModelError
 from ..reference import Caffe2Error
 from ..utils.io import atomic_write
 from ..utils.log import add_logging_arguments, run_reporting_errors, setup_logging
@@ -43,7 +43,7 @@ EXPECTED_ERRORS = (
     Caffe2FormatError,
     ConversionError,
     ConfigError,
-    CheckpointError,
+    WeightsFileError,
     UnknownModelError,
     Caffe2Error,
     VideoDecodeError,

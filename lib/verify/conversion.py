@@ -20,9 +20,9 @@ from yacs.config import CfgNode
 
 from ..converters.convert import convert_blobs, describe_cfg
 from ..converters.reader import read_caffe2_pkl
+from ..core.config import cfg_to_dict, get_cfg
 from ..datasets import TestProtocol, load_test_video
-from ..models.checkpoint import cfg_to_dict, load_model
-from ..models.model_builder import build_model, get_cfg
+from ..models.model_builder import build_model, load_model
 from ..reference import GraphError, build_graph, config_crop_size
 from .compare import ParityReport, compare_layers
 
@@ -159,7 +159,7 @@ def verify_checkpoint(
     Raises:
         Caffe2FormatError / UnsafePickleError: ``src`` is not a readable Caffe2 checkpoint.
         ConversionError: ``src``'s blobs do not fit the model.
-        CheckpointError: ``dst`` is not a converted checkpoint or does not fit its model.
+        WeightsFileError: ``dst`` is not a weights file or does not fit its model.
         ParameterError / GraphError: the reference cannot run ``src``'s blobs on this input.
     """
     overrides = list(overrides)

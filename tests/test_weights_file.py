@@ -1,4 +1,4 @@
-"""The converted-weights format: atomic save, weights_only load, strict load_model."""
+"""The weights file: atomic save, weights_only load, strict load_model."""
 
 from __future__ import annotations
 
@@ -8,13 +8,8 @@ import pytest
 import torch
 
 import nonlocal_net as nl
-from nonlocal_net.models.checkpoint import (
-    CheckpointError,
-    cfg_from_dict,
-    cfg_to_dict,
-    load_checkpoint,
-    save_checkpoint,
-)
+from nonlocal_net.core.config import cfg_from_dict, cfg_to_dict
+from nonlocal_net.core.weights_file import WeightsFileError, load_weights_file, save_weights_file
 from nonlocal_net.utils.io import atomic_write
 
 NAME = "c2d_nonlocal_8x8_IN_pretrain_400k"
@@ -24,7 +19,7 @@ NAME = "c2d_nonlocal_8x8_IN_pretrain_400k"
 def saved(tmp_path_factory):
     model = nl.build_model(NAME, split="val")
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_checkpoint(path, model.state_dict(), model.cfg, {"source": "unit test"})
+    save_weights_file(path, model.state_dict(), model.cfg, {"source": "unit test"})
     return path, model
 
 
@@ -54,25 +49,25 @@ def test_cfg_dict_round_trip():
 
 def test_overrides_that_change_shapes_fail_strictly(saved):
     path, _ = saved
-    with pytest.raises(CheckpointError, match=r"model\.pt: weights do not fit the model.*shape"):
+    with pytest.raises(WeightsFileError, match=r"model\.pt: weights do not fit the model.*shape"):
         nl.load_model(path, overrides=["MODEL.VIDEO_ARC_CHOICE", "2"])
-    with pytest.raises(CheckpointError, match=r"unexpected: res3\.nonlocal_1"):
+    with pytest.raises(WeightsFileError, match=r"unexpected: res3\.nonlocal_1"):
         nl.load_model(path, overrides=["NONLOCAL.CONV3_NONLOCAL", "False"])
     # an override that keeps the shapes is fine
     assert nl.load_model(path, overrides=["TRAIN.VIDEO_LENGTH", "16"]).pool_stride == 8
 
 
 def test_bad_files_are_named(tmp_path):
-    with pytest.raises(CheckpointError, match="no such file"):
-        load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(WeightsFileError, match="no such file"):
+        load_weights_file(tmp_path / "missing.pt")
     pkl = tmp_path / "released.pkl"
     pkl.write_bytes(b"\x80\x02}q\x01.")
-    with pytest.raises(CheckpointError, match=r"released\.pkl.*Caffe2 \.pkl"):
-        load_checkpoint(pkl)
+    with pytest.raises(WeightsFileError, match=r"released\.pkl.*Caffe2 \.pkl"):
+        load_weights_file(pkl)
     other = tmp_path / "other.pt"
     torch.save({"model": 1}, other)
-    with pytest.raises(CheckpointError, match=r"other\.pt: expected a 'nonlocal_net/v1'"):
-        load_checkpoint(other)
+    with pytest.raises(WeightsFileError, match=r"other\.pt: expected a 'nonlocal_net/v1'"):
+        load_weights_file(other)
 
 
 def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path):

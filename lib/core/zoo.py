@@ -3,9 +3,10 @@
 Every :class:`ZooEntry` is named exactly as its released file without ``.pkl`` and records how
 the original produced it: the YAML config its training script loaded, the script's command-line
 overrides, the initialisation file, and the accuracy the original README reports for the
-fully-convolutional 30-view test (10 clips x 3 crops of 256x256). ``entry.cfg()`` is the
-effective configuration (original defaults <- YAML values <- script overrides), so
-``build_model(entry.cfg(), split)`` is the released network.
+fully-convolutional 30-view test (10 clips x 3 crops of 256x256). The table is data only:
+:func:`nonlocal_net.core.config.get_cfg` turns a name into the effective configuration (original
+defaults <- YAML values <- script overrides), so ``build_model(name, split)`` is the released
+network.
 
 The five ``BASE_CONFIGS`` hold the values of the original's five ``configs/*.yaml`` files (the
 same keys and values; the files themselves are not redistributed here).
@@ -17,15 +18,6 @@ import copy
 import difflib
 from dataclasses import dataclass
 from typing import Any
-
-from yacs.config import CfgNode
-
-from ..core.config import (
-    _merge_mapping,
-    assert_and_infer_cfg,
-    cfg_from_list,
-    get_default_cfg,
-)
 
 __all__ = [
     "BASE_CONFIGS",
@@ -247,38 +239,9 @@ class ZooEntry:
     def url(self) -> str:
         return DOWNLOAD_ROOT + self.filename
 
-    def cfg(self, overrides: list[str] | tuple[str, ...] = ()) -> CfgNode:
-        """Effective config: defaults <- the YAML's values <- the script's overrides <-
-        ``overrides``; ``SOLVER.STEPS`` inferred; frozen."""
-        cfg = get_default_cfg()
-        _merge_mapping(
-            cfg,
-            copy.deepcopy(BASE_CONFIGS[self.config_file]),
-            "",
-            f"<zoo config {self.config_file}>",
-        )
-        cfg_from_list(cfg, self.overrides, source=f"<zoo entry {self.name}>")
-        cfg_from_list(cfg, list(overrides))
-        assert_and_infer_cfg(cfg)
-        cfg.freeze()
-        return cfg
-
-    def describe(self) -> dict[str, Any]:
-        """A plain summary (for ``--list`` style output and the docs)."""
-        cfg = self.cfg()
-        return {
-            "name": self.name,
-            "model": cfg.MODEL.MODEL_NAME,
-            "arc": cfg.MODEL.VIDEO_ARC_CHOICE,
-            "depth": cfg.MODEL.DEPTH,
-            "frames": cfg.TRAIN.VIDEO_LENGTH,
-            "rate": cfg.TRAIN.SAMPLE_RATE,
-            "affine": cfg.MODEL.USE_AFFINE,
-            "nonlocal": cfg.NONLOCAL.CONV3_NONLOCAL or cfg.NONLOCAL.CONV4_NONLOCAL,
-            "top1": self.top1,
-            "top5": self.top5,
-            "url": self.url,
-        }
+    def base_config(self) -> dict[str, Any]:
+        """A fresh copy of the values of the YAML file the training script loaded."""
+        return copy.deepcopy(BASE_CONFIGS[self.config_file])
 
 
 def _script_overrides(
