@@ -1,4 +1,4 @@
-"""The reference graph of the original network: blob inventory, op sequence, checkpoints,
+"""The reference graph of the original network: blob inventory, op sequence, taps,
 feature-map sizes (spec table 4.4), the non-local variants against formulas written here, the
 explicit-batch quirk, parameter loading, and independence from torch and the port."""
 
@@ -16,6 +16,7 @@ from synthetic_blobs import make_blobs
 
 import nonlocal_net as nl
 from nonlocal_net.reference import GraphError, ParameterError, build_graph, run
+from nonlocal_net.verify.pairing import port_module
 
 NL_8X8 = "i3d_nonlocal_8x8_IN_pretrain_400k"
 NL_32X4 = "i3d_nonlocal_32x4_I3D_pretrain_400k"
@@ -77,31 +78,35 @@ R50_NL_LABELS = [
 
 
 @pytest.mark.parametrize("split", ["val", "test"])
-def test_checkpoints_and_module_pairing(split):
+def test_taps_and_module_pairing(split):
     graph = _graph(NL_8X8, split)
-    assert [c.label for c in graph.checkpoints] == R50_NL_LABELS
-    c = graph.checkpoint("res3_1")
-    assert (c.blob, c.module) == ("res3_1_branch2c_bn", "res3.1")
+    assert [c.label for c in graph.taps] == R50_NL_LABELS
+    c = graph.tap("res3_1")
+    assert c.blob == "res3_1_branch2c_bn" and port_module(c.label, split) == "res3.1"
     assert graph.ops[c.op_index].type == "Relu"  # after the block's final ReLU
     assert graph.ops[c.start].outputs == ("res3_1_branch2a",) and c.input == "res3_0_branch2c_bn"
-    c = graph.checkpoint("nonlocal_conv4_5")
-    assert (c.blob, c.module, c.input) == ("nonlocal_conv4_5_sum", "res4.nonlocal_5", c.input)
+    c = graph.tap("nonlocal_conv4_5")
+    assert c.blob == "nonlocal_conv4_5_sum" and port_module(c.label, split) == "res4.nonlocal_5"
     assert graph.ops[c.op_index].type == "Sum"
-    pairs = graph.module_pairs()
+    pairs = {c.label: port_module(c.label, split) for c in graph.taps}
     assert pairs["res_conv1_bn"] == "relu" and pairs["pool1"] == "pool1"
     assert pairs["pool2"] == "pool2" and pairs["pool5"] == "pool5" and pairs["pred"] == "pred"
     assert pairs["softmax"] == ("" if split == "test" else None)
-    stem = graph.checkpoint("res_conv1_bn")
+    model = nl.build_model(NL_8X8, split=split)
+    for path in pairs.values():  # every paired module exists in the port
+        if path:
+            model.get_submodule(path)
+    stem = graph.tap("res_conv1_bn")
     assert [op.type for op in graph.ops[: stem.op_index + 1]] == ["Conv", "SpatialBN", "Relu"]
-    with pytest.raises(KeyError, match="no checkpoint 'res9_0'"):
-        graph.checkpoint("res9_0")
+    with pytest.raises(KeyError, match="no tap 'res9_0'"):
+        graph.tap("res9_0")
 
 
-def test_every_checkpoint_is_the_last_write_of_its_blob():
+def test_every_tap_is_the_last_write_of_its_blob():
     for name in (NL_8X8, NL_32X4):
         for split in ("val", "test"):
             graph = _graph(name, split)
-            for c in graph.checkpoints:
+            for c in graph.taps:
                 assert c.blob in graph.ops[c.op_index].outputs
                 later = [op for op in graph.ops[c.op_index + 1 :] if c.blob in op.outputs]
                 assert not later, (name, c.label)
@@ -109,7 +114,7 @@ def test_every_checkpoint_is_the_last_write_of_its_blob():
 
 def test_r101_blocks_and_nonlocal_placement():
     graph = _graph(NL_8X8, "val", ["MODEL.DEPTH", "101", "MODEL.VIDEO_ARC_CHOICE", "4"])
-    labels = [c.label for c in graph.checkpoints]
+    labels = [c.label for c in graph.taps]
     assert [x for x in labels if x.startswith("res4_")] == [f"res4_{i}" for i in range(23)]
     assert [x for x in labels if x.startswith("nonlocal")] == [
         "nonlocal_conv3_1", "nonlocal_conv3_3", "nonlocal_conv4_6", "nonlocal_conv4_13",
@@ -194,7 +199,7 @@ def test_feature_map_sizes(row):
     assert shapes["pool5"] == (batch, 2048, *pool5)
     assert shapes["softmax"] == (batch, 400)
     assert shapes["pred"] == ((batch, 400) if split == "val" else (batch, 400, 1, 2, 2))
-    for c in graph.checkpoints:  # the grouped non-local restores (B, C, T, H, W)
+    for c in graph.taps:  # the grouped non-local restores (B, C, T, H, W)
         if c.label.startswith("nonlocal_conv3"):
             assert shapes[c.label] == (batch, 512, *res3, res3[1])
 
@@ -419,7 +424,7 @@ def test_keep_options():
     np.testing.assert_array_equal(everything["nonlocal_conv4_5_sum"], out["nonlocal_conv4_5"])
     np.testing.assert_array_equal(everything["res4_5_branch2c_bn"], out["res4_5"])
     np.testing.assert_array_equal(x, x_before)
-    with pytest.raises(KeyError, match="neither a checkpoint label nor a blob"):
+    with pytest.raises(KeyError, match="neither a tap label nor a blob"):
         run(graph, blobs, x, start="res4_5", stop="res4_5", keep=["pool5"])
 
 
@@ -490,7 +495,7 @@ def test_full_size_run_matches_inferred_shapes_and_is_batch_independent():
     clips = np.random.default_rng(12).normal(size=(2, 3, 8, 256, 256)).astype(np.float32)
     out = run(graph, blobs, clips)
     shapes = graph.infer_shapes(clips.shape)
-    assert set(out) == {c.label for c in graph.checkpoints}
+    assert set(out) == {c.label for c in graph.taps}
     for key, value in out.items():
         assert value.shape == shapes[key] and value.dtype == np.float64, key
         assert np.isfinite(value).all(), key

@@ -25,10 +25,10 @@ from .decoders import (
     decode_selected,
     decode_video,
 )
+from .protocol import TestProtocol, clip_frame_indices, clip_start, crop_offsets, scaled_size
 from .stream import VideoItem, ViewChunk, ViewStream
-from .test_protocol import TestProtocol, clip_frame_indices, clip_start, crop_offsets, scaled_size
-from .test_views import TestVideo, VideoMeta, load_test_video, test_views
 from .video_list import ListEntry, VideoList, read_video_list, resolve_video_path
+from .views import TestVideo, VideoMeta, load_test_video, test_views
 
 __all__ = [
     "MAX_DECODING_FRAMES",

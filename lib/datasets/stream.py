@@ -20,8 +20,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .decoders import DEFAULT_MEMORY_BUDGET, VideoDecodeError
-from .test_protocol import TestProtocol
-from .test_views import VideoMeta, load_test_video
+from .protocol import TestProtocol
+from .views import VideoMeta, load_test_video
 
 __all__ = ["VideoItem", "ViewChunk", "ViewStream", "identity_collate", "init_decode_worker"]
 

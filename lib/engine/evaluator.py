@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from ..core.config import cfg_to_dict
 from ..datasets.decoders import available_backends
+from ..datasets.protocol import TestProtocol
 from ..datasets.stream import (
     VideoItem,
     ViewChunk,
@@ -33,7 +34,6 @@ from ..datasets.stream import (
     identity_collate,
     init_decode_worker,
 )
-from ..datasets.test_protocol import TestProtocol
 from ..datasets.video_list import VideoList, read_video_list
 from ..models.model_builder import load_model
 from ..utils.io import atomic_write

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..datasets.test_protocol import TestProtocol
-from ..datasets.test_views import VideoMeta, load_test_video
+from ..datasets.protocol import TestProtocol
+from ..datasets.views import VideoMeta, load_test_video
 from ..models.model_builder import load_model
 from .device import prepare_for_inference
 

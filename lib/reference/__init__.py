@@ -13,17 +13,17 @@ Typical use::
     out["softmax"], out["res3_1"], out["nonlocal_conv3_1"], out["pool5"]
 
 * :mod:`.ops`: the Caffe2 operators (Conv, SpatialBN, AffineNd, pooling, Softmax, Reshape, ...).
-* :mod:`.graph`: :func:`build_graph` -> :class:`Graph` (ops, parameter inventory, checkpoints
-  paired with the port's modules).
+* :mod:`.graph`: :func:`build_graph` -> :class:`Graph` (ops, parameter inventory, the
+  tapped layer outputs).
 * :mod:`.executor`: :func:`run`, :func:`load_params`.
 """
 
 from .executor import ParameterError, load_params, run
 from .graph import (
     SPLITS,
-    Checkpoint,
     Graph,
     GraphError,
+    LayerTap,
     Op,
     ParamSpec,
     build_graph,
@@ -35,9 +35,9 @@ from .ops import Caffe2Error
 __all__ = [
     "SPLITS",
     "Caffe2Error",
-    "Checkpoint",
     "Graph",
     "GraphError",
+    "LayerTap",
     "Op",
     "ParamSpec",
     "ParameterError",

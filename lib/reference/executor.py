@@ -29,7 +29,7 @@ __all__ = ["ParameterError", "load_params", "run"]
 
 logger = logging.getLogger(__name__)
 
-Keep = Literal["checkpoints", "all"] | Iterable[str] | None
+Keep = Literal["taps", "all"] | Iterable[str] | None
 
 
 class ParameterError(Caffe2Error, KeyError):
@@ -109,17 +109,15 @@ def _resolve_batch(graph: Graph, batch_size: int | str | None, real: int) -> int
 
 def _keep_blobs(graph: Graph, keep: Keep, first: int, last: int) -> dict[str, str]:
     """Result key -> blob name for what the caller wants back."""
-    in_range = [c for c in graph.checkpoints if first <= c.op_index < last]
+    in_range = [c for c in graph.taps if first <= c.op_index < last]
     if keep is None:
         return {}
-    if keep == "checkpoints":
+    if keep == "taps":
         return {c.label: c.blob for c in in_range}
     if keep == "all":
         return {name: name for op in graph.ops[first:last] for name in op.outputs}
     if isinstance(keep, str):
-        raise ValueError(
-            f"keep must be 'checkpoints', 'all', None or a list of names, got {keep!r}"
-        )
+        raise ValueError(f"keep must be 'taps', 'all', None or a list of names, got {keep!r}")
     labels = {c.label: c.blob for c in in_range}
     written = {name for op in graph.ops[first:last] for name in op.outputs}
     result = {}
@@ -130,8 +128,8 @@ def _keep_blobs(graph: Graph, keep: Keep, first: int, last: int) -> dict[str, st
             result[key] = key
         else:
             raise KeyError(
-                f"{key!r} is neither a checkpoint label nor a blob written by the ops run "
-                f"(checkpoints: {', '.join(labels)})"
+                f"{key!r} is neither a tap label nor a blob written by the ops run "
+                f"(taps: {', '.join(labels)})"
             )
     return result
 
@@ -165,7 +163,7 @@ def run(
     data: np.ndarray,
     *,
     dtype: np.dtype | type = np.float64,
-    keep: Keep = "checkpoints",
+    keep: Keep = "taps",
     batch_size: int | Literal["real", "config"] | None = None,
     start: str | None = None,
     stop: str | None = None,
@@ -177,11 +175,11 @@ def run(
         graph: from :func:`nonlocal_net.reference.build_graph`.
         blobs: checkpoint blobs by original name (NumPy arrays; any float dtype).
         data: the network input ``(N, 3, T, H, W)``, normalised as the original's input op
-            does, or, with ``start``, the input of that checkpoint's layer.
+            does, or, with ``start``, the input of that tap's layer.
         dtype: computation dtype (float64 by default; float32 to mimic the original's fp32).
-        keep: what to return besides the net's outputs: ``"checkpoints"`` (every checkpoint
-            label, the default), ``None`` (outputs only), ``"all"`` (every blob: large), or a
-            list of checkpoint labels and blob names. A blob written several times (Caffe2's
+        keep: what to return besides the net's outputs: ``"taps"`` (every tap label,
+            the default), ``None`` (outputs only), ``"all"`` (every blob: large), or a
+            list of tap labels and blob names. A blob written several times (Caffe2's
             in-place ops) is returned with its last value. Everything else is freed as soon as
             no later op reads it.
         batch_size: the batch baked into the non-local reshapes. ``None``/``"real"`` (default):
@@ -189,7 +187,7 @@ def run(
             ``TRAIN.BATCH_SIZE / NUM_GPUS``, reproducing what the original computes for another
             batch (it raises when the sizes do not divide and silently mixes clips when they do).
             An int: that number.
-        start, stop: checkpoint labels; run only from ``start``'s first op (``data`` is its
+        start, stop: tap labels; run only from ``start``'s first op (``data`` is its
             layer input) to ``stop``'s op, inclusive. Only the parameters of those ops are needed.
         progress: show a progress bar over the operators.
 
@@ -210,7 +208,7 @@ def run(
     ops = graph.ops[first:last]
     used = {name for op in ops for name in op.inputs}
     params = load_params(graph, blobs, dtype, names=used & set(graph.param_shapes))
-    input_blob = DATA if start is None else graph.checkpoint(start).input
+    input_blob = DATA if start is None else graph.tap(start).input
     # Validate the whole range (parameter shapes, reshapes) before any heavy computation.
     graph.infer_shapes(data.shape, {k: v.shape for k, v in params.items()}, start=start, stop=stop)
     wanted = _keep_blobs(graph, keep, first, last)

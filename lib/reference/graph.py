@@ -11,8 +11,8 @@ the PyTorch model: it is an independent description of the original, to be run b
 :func:`nonlocal_net.reference.run`.
 
 A :class:`Graph` also lists its parameter inventory (every blob the net reads from a checkpoint,
-in creation order) and its *checkpoints*: the layer outputs a layer-by-layer comparison needs,
-each paired with the PyTorch module of this port that computes the same tensor.
+in creation order) and its *taps*: the layer outputs a layer-by-layer comparison needs (which
+module of the port computes each is :mod:`nonlocal_net.verify.pairing`'s business).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from .ops import SHAPE_RULES, Caffe2Error
 
 __all__ = [
     "SPLITS",
-    "Checkpoint",
     "Graph",
     "GraphError",
+    "LayerTap",
     "Op",
     "ParamSpec",
     "build_graph",
@@ -97,8 +97,8 @@ class ParamSpec:
 
 
 @dataclass(frozen=True)
-class Checkpoint:
-    """A layer output for layer-by-layer comparisons.
+class LayerTap:
+    """A layer output of the reference graph, tapped for layer-by-layer comparisons.
 
     Attributes:
         label: the layer: ``res_conv1_bn`` (stem after BN and ReLU), ``pool1``, ``res<s>_<i>``
@@ -106,16 +106,12 @@ class Checkpoint:
             after its residual sum), ``pool2``, ``pool5``, ``pred``, ``softmax``.
         blob: the original blob holding it (e.g. ``res3_1_branch2c_bn``, written in place by the
             block's final ``Relu``; ``nonlocal_conv3_1_sum``, or ``..._sum_trans_trans`` for the
-            grouped non-local, whose ``_sum`` blob is in the regrouped layout). The checkpoint's
+            grouped non-local, whose ``_sum`` blob is in the regrouped layout). The tap's
             op is the last one to write this blob.
         op_index: index of the op that produces the value.
         start: index of the layer's first op; running ``ops[start:op_index + 1]`` on ``input``
             recomputes the layer alone.
         input: the blob the layer consumes.
-        module: dotted path of the module of the PyTorch port that outputs the same tensor
-            (``relu``, ``pool1``, ``res3.1``, ``res3.nonlocal_1``, ``pred``; ``""`` = the model
-            itself, whose ``test`` output is ``softmax``), or ``None`` where the port has no
-            module for it (the ``val`` net's ``softmax``: the port returns logits).
     """
 
     label: str
@@ -123,7 +119,6 @@ class Checkpoint:
     op_index: int
     start: int
     input: str
-    module: str | None
 
 
 @dataclass(frozen=True)
@@ -209,7 +204,7 @@ def config_crop_size(cfg, split: str) -> int:
 
 
 class _Builder:
-    """Accumulates ops, the parameter inventory and the checkpoints, in creation order."""
+    """Accumulates ops, the parameter inventory and the taps, in creation order."""
 
     def __init__(self, s: _Settings, batch_size: int, crop_size: int) -> None:
         self.s = s
@@ -217,7 +212,7 @@ class _Builder:
         self.crop_size = crop_size
         self.ops: list[Op] = []
         self.params: dict[str, tuple[int, ...]] = {}
-        self.checkpoints: list[Checkpoint] = []
+        self.taps: list[LayerTap] = []
 
     # -- primitives -----------------------------------------------------------------------
 
@@ -231,8 +226,8 @@ class _Builder:
             raise GraphError(f"blob {name} created twice with shapes {old} and {shape}")
         return name
 
-    def mark(self, label: str, blob: str, start: int, input_: str, module: str | None) -> None:
-        self.checkpoints.append(Checkpoint(label, blob, len(self.ops) - 1, start, input_, module))
+    def mark(self, label: str, blob: str, start: int, input_: str) -> None:
+        self.taps.append(LayerTap(label, blob, len(self.ops) - 1, start, input_))
 
     def conv(
         self,
@@ -314,7 +309,7 @@ class _Builder:
             shortcut = x
         t = self.op("Sum", [t, shortcut], [t])  # in place into the branch-2c output
         t = self.relu_(t)
-        self.mark(prefix, t, start, x, f"res{stage}.{idx}")
+        self.mark(prefix, t, start, x)
         return t
 
     def spacetime_nonlocal(self, x: str, prefix: str, dim: int, batch_size: int) -> str:
@@ -362,7 +357,7 @@ class _Builder:
         start = len(self.ops)
         out = self.spacetime_nonlocal(x, prefix, dim, self.batch_size)
         out = self.op("Sum", [x, out], [f"{prefix}_sum"])
-        self.mark(prefix, out, start, x, f"res{stage}.nonlocal_{idx}")
+        self.mark(prefix, out, start, x)
         return out
 
     def add_nonlocal_group(self, x: str, stage: int, idx: int, dim: int) -> str:
@@ -393,7 +388,7 @@ class _Builder:
             out = self.transpose(out, f"{out}_trans", (0, 2, 1, 3, 4))
             self.op("Reshape", [out, shape5d], [out, f"{out}_shape5d"])
             out = self.transpose(out, f"{out}_trans", (0, 2, 1, 3, 4))
-        self.mark(prefix, out, start, inp, f"res{stage}.nonlocal_{idx}")
+        self.mark(prefix, out, start, inp)
         return out
 
     def stage(
@@ -417,7 +412,7 @@ class _Builder:
         out = self.op(
             "MaxPool", [x], [name], kernels=list(kernels), strides=list(strides), pads=[0] * 6
         )
-        self.mark(name, out, start, x, name)
+        self.mark(name, out, start, x)
         return out
 
     def backbone(self) -> str:
@@ -430,7 +425,7 @@ class _Builder:
             strides=(mf.conv1_temporal_stride, 2, 2), pads=(u1, 3, 3) * 2,
         )  # fmt: skip
         x = self.relu_(self.norm(x, "res_conv1_bn", 64))
-        self.mark("res_conv1_bn", x, 0, DATA, "relu")
+        self.mark("res_conv1_bn", x, 0, DATA)
         x = self.max_pool(x, "pool1", mf.pool1_kernel, mf.pool1_stride)
         inner = s.dim_inner
         x = self.stage(x, 2, 64, 256, inner, 1)
@@ -443,7 +438,7 @@ class _Builder:
             "AveragePool", [x], ["pool5"], kernels=[s.pool_stride, 7, 7], strides=[1, 1, 1],
             pads=[0] * 6,
         )  # fmt: skip
-        self.mark("pool5", out, start, x, "pool5")
+        self.mark("pool5", out, start, x)
         return out
 
     def head(self, x: str, split: str) -> None:
@@ -454,13 +449,13 @@ class _Builder:
             w = self.param("pred_w", (k, 2048))
             b = self.param("pred_b", (k,))
             pred = self.op("FC", [x, w, b], ["pred"])
-            self.mark("pred", pred, start, x, "pred")
+            self.mark("pred", pred, start, x)
             start = len(self.ops)
             self.op("Softmax", [pred], ["softmax"])
-            self.mark("softmax", "softmax", start, pred, None)
+            self.mark("softmax", "softmax", start, pred)
             return
         pred = self.conv(x, "pred", 2048, k, kernels=(1, 1, 1), bias=True)
-        self.mark("pred", pred, start, x, "pred")
+        self.mark("pred", pred, start, x)
         start = len(self.ops)
         t = self.transpose(pred, "pred_tr", (0, 2, 3, 4, 1))
         t = self.op("Reshape", [t], ["pred_re", "pred_shape5d"], shape=[-1, k])
@@ -469,7 +464,7 @@ class _Builder:
         t = self.transpose(t, "softmax_conv_tr", (0, 4, 1, 2, 3))
         for name in ("softmax_ave_w", "softmax_ave_h", "softmax"):
             t = self.op("ReduceBackMean", [t], [name])
-        self.mark("softmax", t, start, pred, "")
+        self.mark("softmax", t, start, pred)
 
 
 @dataclass(frozen=True)
@@ -484,7 +479,7 @@ class Graph:
         crop_size: the crop the grouped non-local's explicit reshape assumes (``crop / 8``).
         ops: the operators in execution order.
         params: every blob read from the checkpoint, in the original's creation order.
-        checkpoints: the layer outputs for comparisons, in execution order.
+        taps: the layer outputs for comparisons, in execution order.
         outputs: the net's outputs (``pred`` and ``softmax``).
     """
 
@@ -495,26 +490,21 @@ class Graph:
     crop_size: int
     ops: tuple[Op, ...]
     params: tuple[ParamSpec, ...]
-    checkpoints: tuple[Checkpoint, ...]
+    taps: tuple[LayerTap, ...]
     outputs: tuple[str, ...] = ("pred", "softmax")
 
-    def checkpoint(self, label: str) -> Checkpoint:
-        """The checkpoint called ``label``; ``KeyError`` listing the labels otherwise."""
-        for c in self.checkpoints:
+    def tap(self, label: str) -> LayerTap:
+        """The tap called ``label``; ``KeyError`` listing the labels otherwise."""
+        for c in self.taps:
             if c.label == label:
                 return c
         raise KeyError(
-            f"no checkpoint {label!r} in this graph; labels: "
-            f"{', '.join(c.label for c in self.checkpoints)}"
+            f"no tap {label!r} in this graph; labels: {', '.join(c.label for c in self.taps)}"
         )
 
     @property
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         return {p.name: p.shape for p in self.params}
-
-    def module_pairs(self) -> dict[str, str | None]:
-        """Checkpoint label -> dotted path of the port's module with the same output."""
-        return {c.label: c.module for c in self.checkpoints}
 
     def op_counts(self) -> Counter:
         """How many operators of each type the graph has."""
@@ -527,12 +517,12 @@ class Graph:
         return build_graph(self.cfg, self.split, batch_size=batch_size, crop_size=self.crop_size)
 
     def op_range(self, start: str | None = None, stop: str | None = None) -> tuple[int, int]:
-        """``[first, last)`` op indices from the first op of checkpoint ``start`` (default: the
-        first op) to the op of checkpoint ``stop`` (default: the last op), inclusive."""
-        first = 0 if start is None else self.checkpoint(start).start
-        last = len(self.ops) if stop is None else self.checkpoint(stop).op_index + 1
+        """``[first, last)`` op indices from the first op of the tap ``start`` (default: the
+        first op) to the op of the tap ``stop`` (default: the last op), inclusive."""
+        first = 0 if start is None else self.tap(start).start
+        last = len(self.ops) if stop is None else self.tap(stop).op_index + 1
         if last <= first:
-            raise ValueError(f"checkpoint {stop!r} comes before {start!r}")
+            raise ValueError(f"tap {stop!r} comes before {start!r}")
         return first, last
 
     def infer_shapes(
@@ -543,16 +533,14 @@ class Graph:
         start: str | None = None,
         stop: str | None = None,
     ) -> dict[str, tuple[int, ...]]:
-        """Shapes of every blob (its last value) and checkpoint label for an input of
-        ``data_shape`` (the network input, or the input of checkpoint ``start``), applying each
+        """Shapes of every blob (its last value) and tap label for an input of
+        ``data_shape`` (the network input, or the input of the tap ``start``), applying each
         operator's checks; raises :class:`GraphError` naming the failing op, e.g. when an
         explicit reshape does not agree with the input. ``param_shapes`` defaults to the
         inventory."""
         first, last = self.op_range(start, stop)
         env: dict[str, Any] = {k: tuple(v) for k, v in (param_shapes or self.param_shapes).items()}
-        env[DATA if start is None else self.checkpoint(start).input] = tuple(
-            int(d) for d in data_shape
-        )
+        env[DATA if start is None else self.tap(start).input] = tuple(int(d) for d in data_shape)
         for index in range(first, last):
             op = self.ops[index]
             metas = [_lookup(env, name, index, op) for name in op.inputs]
@@ -568,7 +556,7 @@ class Graph:
             k: v if isinstance(v, tuple) else tuple(int(d) for d in np.shape(v))
             for k, v in env.items()
         }
-        for c in self.checkpoints:
+        for c in self.taps:
             if first <= c.op_index < last:
                 shapes[c.label] = shapes[c.blob]
         return shapes
@@ -623,5 +611,5 @@ def build_graph(
         crop_size=crop,
         ops=tuple(builder.ops),
         params=tuple(ParamSpec(n, s) for n, s in builder.params.items()),
-        checkpoints=tuple(builder.checkpoints),
+        taps=tuple(builder.taps),
     )

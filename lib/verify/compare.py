@@ -2,7 +2,7 @@
 
 The reference (:mod:`nonlocal_net.reference`) runs the original Caffe2 graph in float64 on the
 checkpoint's own blobs; the port runs the converted model on the same clips in float32 and/or
-float64. Every checkpoint of the graph (after the stem, pool1, every residual block, pool2, every
+float64. Every tapped layer of the graph (after the stem, pool1, every residual block, pool2, every
 non-local block, pool5, ``pred``, ``softmax``) is paired with the port module that computes the
 same tensor; forward hooks on those modules compare each output with the reference as soon as it
 is computed, so nothing but the numbers is kept.
@@ -34,6 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..reference import Graph, run
+from .pairing import port_module
 
 __all__ = [
     "DEFAULT_TOLERANCE",
@@ -63,7 +64,7 @@ class LayerDiff:
     """The comparison of one layer output.
 
     Attributes:
-        label: the checkpoint (original layer), e.g. ``res_conv1_bn``, ``res3_1``,
+        label: the tapped layer (original layer), e.g. ``res_conv1_bn``, ``res3_1``,
             ``nonlocal_conv3_1``, ``pool5``, ``softmax``.
         blob: the original blob holding it.
         module: the port module whose output was compared (``""`` = the model's output;
@@ -289,12 +290,12 @@ def reference_outputs(
     batch_size: int | str | None = None,
     progress: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Every checkpoint of ``graph`` computed by the float64 reference executor on ``blobs``.
+    """Every tap of ``graph`` computed by the float64 reference executor on ``blobs``.
 
     ``batch_size`` is the executor's: ``None`` = the real batch (the correct computation),
     ``"config"`` = what the original computes with its config batch baked into the reshapes.
     """
-    return run(graph, blobs, clips, keep="checkpoints", batch_size=batch_size, progress=progress)
+    return run(graph, blobs, clips, keep="taps", batch_size=batch_size, progress=progress)
 
 
 def _layer_diff(label, blob, module, ref: np.ndarray, port: torch.Tensor | None, tol, note=""):
@@ -331,7 +332,7 @@ def compare_port(
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> PrecisionRun:
-    """Run ``model`` on ``clips`` in ``dtype`` and compare every checkpoint with ``reference``.
+    """Run ``model`` on ``clips`` in ``dtype`` and compare every tap with ``reference``.
 
     The model is converted to ``dtype`` and ``device`` for the run and put back to its dtype
     and device afterwards (float32 -> float64 -> float32 is exact).
@@ -339,18 +340,19 @@ def compare_port(
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     tol = DEFAULT_TOLERANCE[dtype] if tol is None else float(tol)
-    checkpoints = graph.checkpoints
-    missing = [c.label for c in checkpoints if c.label not in reference]
+    taps = graph.taps
+    modules = {c.label: port_module(c.label, graph.split) for c in taps}
+    missing = [c.label for c in taps if c.label not in reference]
     if missing:
-        raise KeyError(f"reference outputs lack checkpoints: {', '.join(missing)}")
+        raise KeyError(f"reference outputs lack taps: {', '.join(missing)}")
     results: dict[str, LayerDiff] = {}
     hooks = []
-    bar = tqdm(total=len(checkpoints), desc=f"port {dtype}", unit="layer", disable=not progress)
+    bar = tqdm(total=len(taps), desc=f"port {dtype}", unit="layer", disable=not progress)
 
     def make_hook(c):
         def hook(_module, _inputs, output):
             results[c.label] = _layer_diff(
-                c.label, c.blob, c.module, reference[c.label], output, tol
+                c.label, c.blob, modules[c.label], reference[c.label], output, tol
             )
             bar.update(1)
 
@@ -360,15 +362,16 @@ def compare_port(
     old_dtype = param.dtype if param is not None else torch.float32
     old_device = param.device if param is not None else torch.device("cpu")
     try:
-        for c in checkpoints:
-            if c.module is None:
+        for c in taps:
+            path = modules[c.label]
+            if path is None:
                 continue
             try:
-                module = model.get_submodule(c.module) if c.module else model
+                module = model.get_submodule(path) if path else model
             except AttributeError:
-                note = f"the port has no module {c.module!r}"
+                note = f"the port has no module {path!r}"
                 results[c.label] = _layer_diff(
-                    c.label, c.blob, c.module, reference[c.label], None, tol, note
+                    c.label, c.blob, path, reference[c.label], None, tol, note
                 )
                 continue
             hooks.append(module.register_forward_hook(make_hook(c)))
@@ -383,8 +386,8 @@ def compare_port(
             h.remove()
         bar.close()
         model.to(device=old_device, dtype=old_dtype)
-    for c in checkpoints:
-        if c.module is None and c.label == "softmax":
+    for c in taps:
+        if modules[c.label] is None and c.label == "softmax":
             # the val net's softmax: the port returns the logits and leaves the softmax to
             # the caller
             results[c.label] = _layer_diff(
@@ -392,8 +395,8 @@ def compare_port(
             )
     layers = [
         results.get(c.label)
-        or _layer_diff(c.label, c.blob, c.module, reference[c.label], None, tol)
-        for c in checkpoints
+        or _layer_diff(c.label, c.blob, modules[c.label], reference[c.label], None, tol)
+        for c in taps
     ]
     return PrecisionRun(dtype, tol, layers, seconds)
 

@@ -205,7 +205,7 @@ def verify_checkpoint(
         ) from e
     logger.info(
         "comparing %d layers on clips %s (%s)",
-        len(graph.checkpoints),
+        len(graph.taps),
         "x".join(map(str, clips.shape)),
         source,
     )

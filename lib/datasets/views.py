@@ -2,7 +2,7 @@
 
 :func:`load_test_video` decodes the video (:mod:`.decoders`), keeps only the frames the
 protocol's clips use and resizes each of them once (``cv2.resize``, ``INTER_LINEAR``, to the
-float32-truncated size of :func:`.test_protocol.scaled_size`). :meth:`TestVideo.views` then
+float32-truncated size of :func:`.protocol.scaled_size`). :meth:`TestVideo.views` then
 builds any subset of the views as float32 ``(n, 3, L, c, c)``, so the engine never holds all
 30 views of a video at once (30 views of a 128-frame clip at 256 are 3 GB).
 :func:`test_views` is the one-call public form returning all views.
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .decoders import DEFAULT_MEMORY_BUDGET, MAX_DECODING_FRAMES, decode_selected
-from .test_protocol import TestProtocol, crop_offsets, scaled_size
+from .protocol import TestProtocol, crop_offsets, scaled_size
 
 __all__ = ["TestVideo", "VideoMeta", "load_test_video", "test_views"]
 
