@@ -16,7 +16,7 @@ help:
 	@echo "make test       run the whole test suite (what CI runs)"
 	@echo "make test-fast  the suite without the tests marked slow"
 	@echo "make test-parity-full  the rest of the parity suite (every network and head)"
-	@echo "make parity     regenerate tests/PARITY.md (the whole parity suite's table)"
+	@echo "make parity     regenerate benchmarks/parity.md (the whole parity suite's table)"
 	@echo "make lint       ruff"
 	@echo "make bench      benchmarks; results under benchmarks/"
 	@echo "make install    only create .venv and install"

@@ -1,4 +1,4 @@
-"""Generate ``tests/PARITY.md``: the parity suite's measured errors and times, every case.
+"""Generate ``benchmarks/parity.md``: the parity suite's measured errors and times, every case.
 
 Runs every case of ``parity_cases`` (each distinct released network and the two ResNet-101
 recipes) with both heads at the real input sizes, exactly as ``test_parity.py`` does, and writes
@@ -34,7 +34,7 @@ from parity_cases import (
 from nonlocal_net.utils.io import atomic_write
 from nonlocal_net.utils.log import setup_logging
 
-OUTPUT = Path(__file__).with_name("PARITY.md")
+OUTPUT = Path(__file__).parents[1] / "benchmarks" / "parity.md"
 logger = logging.getLogger("parity_table")
 
 

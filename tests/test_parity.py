@@ -5,7 +5,7 @@ identical network merged, and the ResNet-101 recipes arc 3 and 4) and both heads
 input sizes, a Caffe2 checkpoint with realistic random blobs is written, read and converted by the
 converter, and every layer output of the port in float32 and float64 is compared with the
 reference executor's float64 run on the checkpoint's own blobs. Every layer must be within
-``FP32_BOUND`` / ``FP64_BOUND`` (measured values in ``tests/PARITY.md``).
+``FP32_BOUND`` / ``FP64_BOUND`` (measured values in ``benchmarks/parity.md``).
 
 The default run covers ``parity_cases.DEFAULT_RUNS`` (each architecture file, C2D and I3D,
 non-local with BN, frozen affine with the grouped non-local, ResNet-101, both heads); the other

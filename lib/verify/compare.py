@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 # Largest per-layer relative error accepted by default. Measured on every released architecture
-# with realistic synthetic weights (tests/PARITY.md): float32 stays below 6e-6 and float64
+# with realistic synthetic weights (benchmarks/parity.md): float32 stays below 6e-6 and float64
 # below 2e-14; the defaults leave a margin for real weights (larger logits, sharper attention)
 # while every porting mistake of the mutation tests gives 4e-3 or more at its layer.
 DEFAULT_TOLERANCE = {"float32": 1e-4, "float64": 1e-10}
