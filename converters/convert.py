@@ -9,12 +9,12 @@ against the model that the configuration builds (on the ``meta`` device: no memo
 * anything else is an error that lists *all* offending names and shapes at once: blobs the model
   has no place for, parameters the file lacks, shape mismatches, non-float values.
 
-The original's loading rules apply where they matter (specification 1.2-1.4): ``pred_w`` loads as
-FC ``(K, 2048)`` or test conv ``(K, 2048, 1, 1, 1)``; a BN checkpoint loaded into an affine
-(``MODEL.USE_AFFINE``) model is folded as ``convert_to_finetune.py`` folds it; with ``inflate``
-2-D weights are inflated to 3-D; with ``inflate`` or ``finetune`` a ``pred`` of another class
-count is dropped and the model's own initial classifier kept, and so are non-local blocks the
-file does not have (the ImageNet and affine initialisation files have none).
+The original's loading rules (its ``lib/utils/checkpoints.py``) apply where they matter: ``pred_w``
+loads as FC ``(K, 2048)`` or test conv ``(K, 2048, 1, 1, 1)``; a BN checkpoint loaded into an affine
+(``MODEL.USE_AFFINE``) model is folded as ``convert_to_finetune.py`` folds it; with ``inflate`` 2-D
+weights are inflated to 3-D; with ``inflate`` or ``finetune`` a ``pred`` of another class count is
+dropped and the model's own initial classifier kept, and so are non-local blocks the file does not
+have (the ImageNet and affine initialisation files have none).
 """
 
 from __future__ import annotations
@@ -291,7 +291,7 @@ def _classify(work: _Work, blobs: Mapping[str, Any]) -> None:
 
 
 def _fold(work: _Work, fold_bn: bool | None) -> None:
-    """Fold BN statistics into the frozen affines (specification 1.3), or refuse to."""
+    """Fold BN statistics into the frozen affines, or refuse to."""
     problems = work.problems
     affine_owners = {k.rsplit(".", 1)[0] for k, t in work.targets.items() if t.layer == "affine"}
     if work.stats and fold_bn is False:
@@ -349,7 +349,7 @@ def _classifier(work: _Work) -> None:
 
 
 def _shapes(work: _Work) -> None:
-    """Check every shape; inflate 2-D weights into 3-D ones (specification 1.2) if asked to."""
+    """Check every shape; inflate 2-D weights into 3-D ones if asked to."""
     two_d = 0
     for key, (name, arr) in list(work.arrays.items()):
         shape = work.targets[key].shape

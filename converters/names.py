@@ -19,7 +19,7 @@ Caffe2 blob                                  state_dict key
 
 with ``<b>`` in ``1, 2a, 2b, 2c``, ``<part>`` in ``theta, phi, g, out``, and the BN suffixes
 ``<x> -> <y>``: ``s -> weight``, ``b -> bias``, ``rm -> running_mean``, ``riv -> running_var``
-(``_riv`` holds the running *variance*; specification 2.1 and 8.1). ``<s>`` and ``<i>`` are copied
+(``_riv`` holds the running *variance*). ``<s>`` and ``<i>`` are copied
 as written. A frozen affine (``MODEL.USE_AFFINE``) uses the same ``_bn_s``/``_bn_b`` names.
 """
 

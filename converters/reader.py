@@ -1,6 +1,7 @@
 """Read a Caffe2 checkpoint (``.pkl``) as the original wrote it, safely.
 
-The original writes two layouts (specification, section 1):
+The original writes two layouts (the original's ``lib/utils/checkpoints.py`` and its conversion
+scripts):
 
 * training checkpoints ``c2_model_iter<N>.pkl``: Python-2 ``cPickle`` protocol 2, a dict
   ``{'blobs': {...}}`` holding ``model_iter`` (int), ``lr`` (a 0-d float32 array), every

@@ -18,7 +18,7 @@ def fold_bn(
     scale: np.ndarray, bias: np.ndarray, running_mean: np.ndarray, running_var: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Fold a test-mode BN into a per-channel affine ``y = x * scale' + bias'``, as the
-    original's ``convert_to_finetune.py`` does (specification 1.3)::
+    original's ``convert_to_finetune.py`` does::
 
         std    = sqrt(running_var + 1e-5)
         scale' = scale / std
@@ -38,7 +38,7 @@ def fold_bn(
 def inflate_weight(weight_2d: np.ndarray, kt: int) -> np.ndarray:
     """Inflate a 2-D conv weight ``(Cout, Cin, kh, kw)`` to ``(Cout, Cin, kt, kh, kw)`` by the
     original's rule: ``kt`` copies stacked along time, divided by ``kt``, so that a temporally
-    constant input gives the 2-D filter's response (specification 1.2, 8.25)."""
+    constant input gives the 2-D filter's response."""
     if weight_2d.ndim != 4:
         raise ValueError(f"expected a 4-D weight, got shape {weight_2d.shape}")
     if kt < 1:

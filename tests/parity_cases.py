@@ -47,7 +47,8 @@ __all__ = [
 SPLITS = ("test", "val")
 
 # The suite's bounds on the per-layer relative error max|port - ref| / max|ref| (every layer,
-# every case). Measured maxima (benchmarks/parity.md): 5.2e-6 in float32 (the softmax of the 128-frame
+# every case). Measured maxima (benchmarks/parity.md):
+# 5.2e-6 in float32 (the softmax of the 128-frame
 # networks, whose relative error is about the logits' absolute error; most layers ~1e-6) and
 # 1.2e-14 in float64. The runs are seeded, hence deterministic on a given machine.
 FP32_BOUND = 1e-5

@@ -1,4 +1,5 @@
-"""Decode a video once, the way the original's FFmpeg decoder does (spec 6.3).
+"""Decode a video once, the way the original's FFmpeg decoder does (its Caffe2
+video input operator).
 
 The original decodes the *first video stream* from the start, every frame (no seeking, no fps
 resampling, timestamps ignored), at most ``MAX_DECODING_FRAMES`` = 10000 frames, converts each
@@ -12,8 +13,7 @@ the container's frame count). Two backends do the same here:
   converted with swscale's ``FAST_BILINEAR`` flag, the original's. The closest to the original.
 
 Both use the FFmpeg they were built with; pixel values may differ from the original's FFmpeg
-3.2.4 by small amounts (colour conversion), and a broken stream may yield a different ``N``
-(spec trap 20).
+3.2.4 by small amounts (colour conversion), and a broken stream may yield a different ``N``.
 
 Memory: :func:`decode_video` keeps the frames the caller asks for. A caller that needs ``N``
 before it knows which frames it needs (the test protocol) passes ``keep=None``: all frames are

@@ -1,4 +1,5 @@
-"""The original's fully-convolutional multi-view test protocol (spec 6.1, 6.4, 6.5).
+"""The original's fully-convolutional multi-view test protocol (the original's
+``tools/test_net_video.py`` and its video input operator).
 
 For a video of ``N`` decoded frames of size ``H x W`` the original builds ``NUM_TEST_CLIPS``
 (30) views: ``K = NUM_TEST_CLIPS / 3`` (10) temporal clips times 3 spatial crops. View ``v`` is

@@ -1,4 +1,4 @@
-"""Kinetics evaluation exactly as the original's ``tools/test_net_video.py`` (spec 6.9).
+"""Kinetics evaluation exactly as the original's ``tools/test_net_video.py``.
 
 :func:`evaluate` runs the test-split model on the 30 views of every listed video, decoding each
 video once in DataLoader workers, and returns the original's report (:mod:`.metrics`) plus

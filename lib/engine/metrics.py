@@ -1,4 +1,4 @@
-"""The original's test metrics (``evaluate_result`` in ``tools/test_net_video.py``, spec 6.7).
+"""The original's test metrics (``evaluate_result`` in ``tools/test_net_video.py``).
 
 Per video the per-view scores (the test net's averaged softmax, one ``(K,)`` vector per view) are
 reduced to a :class:`VideoOutcome`; :func:`compute_report` turns the outcomes of all list entries
@@ -11,10 +11,10 @@ into the original's numbers:
   view (bad list line, undecodable video) counts as wrong;
 * clip accuracy: views whose own first maximum equals the label / all recorded views;
 * clip-1 accuracy: one view per video that has any, divided by the number of such videos. The
-  original scores the first view *read*, and its test lmdb is read in lexicographic order of
-  the unpadded keys ``str(30*i + v)`` (spec trap 21), so the first view of video 3 is view 10
-  (key ``"100"``), not view 0. ``clip1_accuracy`` uses view 0 (``ct=0, j=0``, or the lowest
-  recorded view); ``clip1_accuracy_lmdb_order`` uses the view with the lexicographically
+  original scores the first view *read*, and its test lmdb is read in lexicographic order of the
+  unpadded keys ``str(30*i + v)`` (as the original's lmdb writer keys them), so the first view of
+  video 3 is view 10 (key ``"100"``), not view 0. ``clip1_accuracy`` uses view 0 (``ct=0, j=0``, or
+  the lowest recorded view); ``clip1_accuracy_lmdb_order`` uses the view with the lexicographically
   smallest key, the original's first view when the lmdb is read by one reader;
 * empty videos (0 views) and incomplete ones (views != NUM_TEST_CLIPS; the original calls them
   "corrupted" and counts the empty ones among them), min/max views per entry.

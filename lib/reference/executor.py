@@ -1,8 +1,8 @@
 """Run a :class:`~nonlocal_net.reference.graph.Graph` on Caffe2 blobs with NumPy.
 
-The blobs are the checkpoint's own arrays (``name -> ndarray``, e.g. the inner ``'blobs'`` dict
-of a released ``.pkl``): no converter and no PyTorch module is involved. Parameters are loaded
-the way the original's loader loads them into a test net (specification 1.2): by exact name,
+The blobs are the checkpoint's own arrays (``name -> ndarray``, e.g. the inner ``'blobs'`` dict of a
+released ``.pkl``): no converter and no PyTorch module is involved. Parameters are loaded the way
+the original's loader loads them into a test net (its ``lib/utils/checkpoints.py``): by exact name,
 with its classifier rule (a ``pred*`` blob whose element count matches is reshaped, so ``pred_w``
 may be ``(K, 2048)`` or ``(K, 2048, 1, 1, 1)`` for either split); extra blobs (``lr``,
 ``model_iter``, ``*_momentum``, ...) are ignored.

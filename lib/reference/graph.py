@@ -1,6 +1,6 @@
 """The original Caffe2 network as a list of operators with the original blob names.
 
-:func:`build_graph` restates, from the specification (sections 2-4 and 6.6), what the original's
+:func:`build_graph` restates what the original's
 ``resnet_video.py`` / ``resnet_video_org.py`` / ``resnet_helper.py`` / ``nonlocal_helper.py``
 emit into a Caffe2 net for a configuration: the same operators in the same order, reading and
 writing the same blob names, including Caffe2's in-place writes (``Relu`` on the BN output,
@@ -42,8 +42,8 @@ STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 NO_NONLOCAL = 1000  # the original's "never" placement period
 GROUP_SIZE = 4  # frames per attention window of the grouped non-local
 
-# obtain_arc (specification 4.3): temporal kernel radius of conv1 and of every block of
-# res2..res5. All temporal strides of res2..res5 are 1.
+# obtain_arc (the original's lib/models/resnet_video.py): temporal kernel radius of conv1 and
+# of every block of res2..res5. All temporal strides of res2..res5 are 1.
 _ARC_RADII: dict[int, list[list[int]]] = {
     1: [[0], [0, 0, 0], [0, 0, 0, 0], [0] * 6, [0, 0, 0]],
     2: [[2], [1, 1, 1], [1, 0, 1, 0], [1, 0, 1, 0, 1, 0], [0, 1, 0]],
@@ -54,7 +54,7 @@ _ARC_RADII: dict[int, list[list[int]]] = {
 
 @dataclass(frozen=True)
 class _ModelFile:
-    """What differs between the two architecture files (specification 4.2)."""
+    """What differs between the two architecture files."""
 
     conv1_temporal_stride: int
     pool1_kernel: tuple[int, int, int]
@@ -442,7 +442,7 @@ class _Builder:
         return out
 
     def head(self, x: str, split: str) -> None:
-        """``val``: FC ``pred`` and Softmax; ``test``: the fully-convolutional head (6.6)."""
+        """``val``: FC ``pred`` and Softmax; ``test``: the fully-convolutional head."""
         k = self.s.num_classes
         start = len(self.ops)
         if split == "val":

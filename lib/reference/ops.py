@@ -8,7 +8,7 @@ except that the element-wise ones in :data:`ELEMENTWISE_OUT` accept ``out=``, wh
 first input: the executor passes a dead input's buffer there (as Caffe2's in-place ops do) to
 avoid allocating and zeroing fresh memory.
 
-Conventions that follow Caffe2 exactly (specification, section 3):
+Conventions that follow Caffe2's operators exactly:
 
 * Tensors are NCHW-ordered, i.e. ``(N, C, T, H, W)`` for video.
 * ``pads`` has length ``2 * spatial_ndim`` and lists all head pads first:
