@@ -128,14 +128,19 @@ class ClipDraws:
     flip: bool
 
 
-def clip_rng(seed: int, epoch: int, index: int, attempt: int = 0) -> np.random.Generator:
-    """The generator of sample ``index`` of ``epoch`` (see the module docstring)."""
-    return np.random.default_rng([int(seed), int(epoch), int(index), int(attempt)])
+def clip_rng(
+    seed: int, epoch: int, index: int, attempt: int = 0, stream: tuple[int, ...] = ()
+) -> np.random.Generator:
+    """The generator of sample ``index`` of ``epoch`` (see the module docstring); ``stream``
+    tells apart the other clip streams (validation, precise BN) from training's ``()``."""
+    return np.random.default_rng([int(seed), int(epoch), int(index), int(attempt), *stream])
 
 
-def epoch_order(seed: int, epoch: int, num_entries: int) -> np.ndarray:
+def epoch_order(
+    seed: int, epoch: int, num_entries: int, stream: tuple[int, ...] = ()
+) -> np.ndarray:
     """The order in which ``epoch`` visits the usable entries (a permutation of ``0..M-1``)."""
-    return np.random.default_rng([int(seed), int(epoch)]).permutation(num_entries)
+    return np.random.default_rng([int(seed), int(epoch), *stream]).permutation(num_entries)
 
 
 def draw_start(rng: np.random.Generator, num_frames: int, s: TrainSampling) -> int:
@@ -215,15 +220,16 @@ class TrainClipDataset(Dataset):
     Item ``p`` (a global stream position: ``p = iteration * TRAIN.BATCH_SIZE + j``) is sample
     ``p % M`` of epoch ``p // M`` (``M`` usable list entries). Returns a dict with ``clip``
     (uint8 ``(3, L, c, c)``), ``label``, ``position`` and ``failures`` (the list positions of
-    videos that had to be replaced for this sample). ``val=True`` uses a separate seed stream
-    (validation clips, also with the training augmentation, as the original's ``val`` net).
+    videos that had to be replaced for this sample). ``stream`` selects another seed stream:
+    ``(1,)`` validation (list order, training augmentation, as the original's ``val`` net),
+    ``(2, N)`` the precise-BN batches computed at iteration ``N``.
     """
 
     vlist: VideoList
     sampling: TrainSampling
     seed: int
     backend: str = "opencv"
-    val: bool = False
+    stream: tuple[int, ...] = ()
     entries: list[_Entry] = field(init=False)
     _orders: dict[int, np.ndarray] = field(init=False, default_factory=dict)
     _bad_seen: set[str] = field(init=False, default_factory=set)
@@ -250,8 +256,8 @@ class TrainClipDataset(Dataset):
         return len(self.entries)
 
     @property
-    def _seed_key(self) -> int:
-        return int(self.seed) + (1 << 40 if self.val else 0)
+    def val(self) -> bool:
+        return self.stream[:1] == (1,)
 
     def order(self, epoch: int) -> np.ndarray:
         if epoch not in self._orders:
@@ -260,7 +266,7 @@ class TrainClipDataset(Dataset):
             self._orders[epoch] = (
                 np.arange(len(self.entries))
                 if self.val
-                else epoch_order(self._seed_key, epoch, len(self.entries))
+                else epoch_order(self.seed, epoch, len(self.entries), self.stream)
             )
         return self._orders[epoch]
 
@@ -272,7 +278,7 @@ class TrainClipDataset(Dataset):
         for attempt in range(MAX_REPLACEMENTS + 1):
             entry_id = int(order[(index + attempt * REPLACEMENT_STRIDE) % m])
             entry = self.entries[entry_id]
-            rng = clip_rng(self._seed_key, epoch, index, attempt)
+            rng = clip_rng(self.seed, epoch, index, attempt, self.stream)
             try:
                 clip = self._load(entry, rng)
             except VideoDecodeError as e:
