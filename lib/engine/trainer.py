@@ -574,10 +574,18 @@ def _train(opts: TrainOptions, ctx: DistContext, micro: int) -> dict:
     window_t = time.perf_counter()
     data_time = 0.0
     window_clips = 0
+    totals = {"clips": 0, "data_seconds": 0.0, "first_batch_seconds": 0.0}
+    run_t0 = time.perf_counter()
     it = start_iter
     t_data = time.perf_counter()
     for it, batch in zip(range(start_iter, max_iter), loader):
-        data_time += time.perf_counter() - t_data
+        waited = time.perf_counter() - t_data
+        data_time += waited
+        if it == start_iter:
+            totals["first_batch_seconds"] = waited
+        else:
+            totals["data_seconds"] += waited
+            totals["clips"] += int(cfg.TRAIN.BATCH_SIZE)
         stats = run.step(it, batch)
         last_lr = stats["lr"]
         run.failures += stats["failures"]
@@ -621,6 +629,7 @@ def _train(opts: TrainOptions, ctx: DistContext, micro: int) -> dict:
         "val": val_result,
         "decode_failures": run.failures,
         "model": model,
+        "throughput": {**totals, "seconds": time.perf_counter() - run_t0},
     }
     if run.failures:
         logger.warning("%d training samples were replaced because their video failed", run.failures)
