@@ -23,7 +23,7 @@ TINY = [
     "TRAIN.COMPUTE_PRECISE_BN", "False", "TRAIN.EVAL_PERIOD", "-1",
 ]  # fmt: skip
 BASE = "i3d_nonlocal_8x8_IN_pretrain_400k"
-AFFINE_BASE = "i3d_nonlocal_32x2_IN_pretrain_400k"
+AFFINE_BASE = "i3d_baseline_32x4_I3D_pretrain_400k"  # no BN anywhere
 
 COLOURS = [(220, 40, 40), (40, 200, 60), (50, 60, 230)]  # RGB, one per class
 
