@@ -110,14 +110,9 @@ def _solver():
 
 
 def _precise_bn_fn():
-    for name in ("nonlocal_net.engine.bn_helper", "nonlocal_net.utils.bn_helper"):
-        with contextlib.suppress(ImportError):
-            module = __import__(name, fromlist=["compute_precise_bn"])
-            return module.compute_precise_bn
-    raise TrainingError(
-        "TRAIN.COMPUTE_PRECISE_BN is on but this build has no precise-BN helper "
-        "(bn_helper.compute_precise_bn); set TRAIN.COMPUTE_PRECISE_BN False"
-    )
+    from .bn_helper import compute_precise_bn  # averages over processes itself
+
+    return compute_precise_bn
 
 
 def _uses_precise_bn(cfg) -> bool:
@@ -342,7 +337,6 @@ class _Run:
 
         t0 = time.perf_counter()
         compute(self.model, batches(), num_iters)
-        self._average_bn_stats()
         self.precise_bn_done_at = iteration
         logger.info(
             "precise BN at iteration %d: %d batches of %d clips per process (%.1f s)",
@@ -351,22 +345,6 @@ class _Run:
             per,
             time.perf_counter() - t0,
         )
-
-    def _average_bn_stats(self) -> None:
-        """Population statistics over every process's batches: ``rm = mean(rm_q)``,
-        ``riv = mean(riv_q + rm_q^2) - rm^2`` (equal batch counts per process)."""
-        if not self.ctx.distributed:
-            return
-        world = self.ctx.world_size
-        for module in self.model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                mean = module.running_mean.double()
-                ex2 = module.running_var.double() + mean * mean
-                packed = torch.stack([mean, ex2])
-                dist.all_reduce(packed)
-                packed /= world
-                module.running_mean.copy_(packed[0])
-                module.running_var.copy_(packed[1] - packed[0] * packed[0])
 
     # -- validation
     def validate(self, iteration: int) -> dict | None:

@@ -21,6 +21,7 @@ from ..converters.errors import ConversionError
 from ..core.config import ConfigError
 from ..datasets.decoders import BACKENDS
 from ..datasets.train_clips import TrainDataError
+from ..engine.bn_helper import PreciseBNError
 from ..engine.distributed import init_distributed
 from ..engine.train_checkpoints import RunLockedError
 from ..engine.trainer import TrainingError, TrainOptions, train
@@ -38,6 +39,7 @@ EXPECTED_ERRORS = (
     CheckpointError,
     ConversionError,
     RunLockedError,
+    PreciseBNError,
     FileNotFoundError,
     ValueError,
 )
