@@ -1,0 +1,623 @@
+"""The original's training loop (``tools/train_net_video.py``) on PyTorch, single process or DDP.
+
+One iteration (0-based ``it``): the LR of ``it`` is set (``nonlocal_net.solver.lr_at`` /
+``set_lr``), each process takes its ``TRAIN.BATCH_SIZE / world`` clips of the global batch
+(:class:`~nonlocal_net.datasets.train_clips.TrainSampler`), splits them into ``--accumulate``
+micro-batches (each one a forward pass with its own BN batch statistics, as one of the
+original's GPUs), the softmax cross-entropy of each micro-batch is averaged over it and scaled
+by ``1 / (accumulate * world)``; DDP sums (averages, with the scale folded in) the gradients, so
+the update uses the mean gradient over the global batch, then ``optimizer.step()``.
+
+After iteration ``it`` (``N = it + 1`` finished): every ``LOG_PERIOD`` a log line; if
+``N % TRAIN.EVAL_PERIOD == 0`` and a val list is given, precise BN (non-affine configs with
+``TRAIN.COMPUTE_PRECISE_BN``) and validation (single random-crop clips, top-1/top-5 error, as
+the original's ``val`` net); if ``N % CHECKPOINT.CHECKPOINT_PERIOD == 0`` or ``N == MAX_ITER``,
+precise BN (once per iteration number) and the checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from ..converters.convert import convert_blobs
+from ..converters.export import state_dict_to_blobs
+from ..converters.reader import read_caffe2_pkl
+from ..converters.report import INITIALISED
+from ..converters.sniff import looks_like_pickle
+from ..converters.writer import write_caffe2_pkl
+from ..core.config import ConfigError
+from ..datasets.train_clips import (
+    TrainClipDataset,
+    TrainDataError,
+    TrainSampler,
+    TrainSampling,
+    collate_train,
+    normalise_clips,
+)
+from ..datasets.video_list import read_video_list
+from ..models.checkpoint import CheckpointError, cfg_to_dict, load_checkpoint
+from ..models.model_builder import build_model
+from .distributed import DistContext
+from .train_checkpoints import (
+    RunLock,
+    config_differences,
+    find_latest_checkpoint,
+    load_training_checkpoint,
+    pkl_path,
+    pt_path,
+    save_training_checkpoint,
+)
+
+__all__ = [
+    "CheckpointError",
+    "NonFiniteLossError",
+    "TrainDataError",
+    "TrainOptions",
+    "TrainingError",
+    "check_train_cfg",
+    "initialise_from_params_file",
+    "train",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """A training run that cannot start or continue; the message says why."""
+
+
+class NonFiniteLossError(TrainingError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainOptions:
+    """What ``vnl-train`` passes to :func:`train`."""
+
+    cfg: Any  # frozen config
+    train_list: str
+    output_dir: str
+    val_list: str | None = None
+    data_root: str | None = None
+    resume: bool = False
+    accumulate: int = 1
+    precision: str = "fp32"
+    write_caffe2: bool = True
+    workers: int = 2
+    backend: str = "opencv"
+    progress: bool = True
+    extra_meta: dict = field(default_factory=dict)
+
+
+def _solver():
+    from .. import solver  # written for issue 9 next to this module
+
+    return solver
+
+
+def _precise_bn_fn():
+    from .bn_helper import compute_precise_bn  # averages over processes itself
+
+    return compute_precise_bn
+
+
+def _uses_precise_bn(cfg) -> bool:
+    return bool(cfg.TRAIN.COMPUTE_PRECISE_BN) and not bool(cfg.MODEL.USE_AFFINE)
+
+
+def check_train_cfg(cfg, world_size: int, accumulate: int, precision: str, device) -> int:
+    """Validate what the run needs before anything is built; returns the micro-batch size."""
+    if cfg.MODEL.NUM_CLASSES <= 0:
+        raise ConfigError(f"MODEL.NUM_CLASSES must be positive, got {cfg.MODEL.NUM_CLASSES}")
+    batch = int(cfg.TRAIN.BATCH_SIZE)
+    if batch <= 0 or batch % world_size:
+        raise ConfigError(
+            f"TRAIN.BATCH_SIZE ({batch}) must be a positive multiple of the number of "
+            f"processes ({world_size})"
+        )
+    per_rank = batch // world_size
+    if accumulate < 1 or per_rank % accumulate:
+        raise ConfigError(
+            f"--accumulate {accumulate} must divide the per-process batch {per_rank} "
+            f"(TRAIN.BATCH_SIZE {batch} / {world_size} processes)"
+        )
+    if cfg.SOLVER.MAX_ITER <= 0:
+        raise ConfigError(f"SOLVER.MAX_ITER must be positive, got {cfg.SOLVER.MAX_ITER}")
+    if precision not in ("fp32", "bf16"):
+        raise ConfigError(f"--precision must be fp32 or bf16, got {precision!r}")
+    if precision == "bf16" and device.type != "cuda":
+        raise ConfigError("--precision bf16 needs a CUDA device (autocast on CPU is not used)")
+    if cfg.MODEL.USE_AFFINE is False and per_rank // accumulate < 2:
+        logger.warning("BN batch of 1 clip per forward pass: batch statistics are degenerate")
+    TrainSampling.from_cfg(cfg)
+    return per_rank // accumulate
+
+
+# ----------------------------------------------------------------------------- initialisation
+
+
+def _params_file_blobs(path: str) -> tuple[dict[str, Any], int | None]:
+    """Blobs of a Caffe2 ``.pkl`` or a converted ``.pt``/``.safetensors``; ``model_iter``."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if looks_like_pickle(head):
+        ckpt = read_caffe2_pkl(path, load_momentum=False)
+        logger.info("%s: %s", path, ckpt.describe())
+        return ckpt.entries(), ckpt.model_iter
+    data = load_checkpoint(path)
+    return state_dict_to_blobs(data["state_dict"], source=path), None
+
+
+def initialise_from_params_file(model: torch.nn.Module, cfg, path: str) -> int:
+    """Load ``TRAIN.PARAMS_FILE`` with the original's rules: 2-D weights inflated, a ``pred``
+    of another class count dropped, layers the file lacks keep their initialisers, BN
+    statistics folded into frozen affines for affine models. Returns the file's
+    ``model_iter`` (the original's start iteration) or 0."""
+    if not os.path.isfile(path):
+        raise TrainingError(f"TRAIN.PARAMS_FILE {path}: no such file")
+    blobs, model_iter = _params_file_blobs(path)
+    result = convert_blobs(blobs, cfg, inflate=True, finetune=True, source=path)
+    keep = {row.key for row in result.report.rows if row.action == INITIALISED and row.key}
+    state = model.state_dict()
+    loaded = 0
+    with torch.no_grad():
+        for key, value in result.state_dict.items():
+            if key in keep:
+                continue
+            state[key].copy_(value.reshape(state[key].shape))
+            loaded += 1
+    logger.info(
+        "initialised from %s: %d tensors loaded, %d kept their initialisers%s",
+        path,
+        loaded,
+        len(keep),
+        f" ({', '.join(sorted(keep)[:6])}{', ...' if len(keep) > 6 else ''})" if keep else "",
+    )
+    if model_iter and not cfg.TRAIN.RESET_START_ITER:
+        logger.warning(
+            "%s holds model_iter %d: training starts there, as the original does "
+            "(TRAIN.RESET_START_ITER True starts at 0)",
+            path,
+            model_iter,
+        )
+        return int(model_iter)
+    return 0
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _loader(dataset, sampler, batch: int, workers: int, seed: int) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_train,
+        persistent_workers=False,
+        prefetch_factor=2 if workers > 0 else None,
+        # a generator of its own: creating the loader must not consume the global RNG, so a
+        # resumed run's dropout draws equal an uninterrupted run's
+        generator=torch.Generator().manual_seed(seed),
+        multiprocessing_context="spawn" if workers > 0 else None,
+    )
+
+
+class _Positions(torch.utils.data.Sampler):
+    def __init__(self, positions: Sequence[int]) -> None:
+        self.positions = list(positions)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.positions)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class _Run:
+    opts: TrainOptions
+    ctx: DistContext
+    cfg: Any
+    model: torch.nn.Module
+    ddp: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    sampling: TrainSampling
+    train_set: TrainClipDataset
+    micro: int
+    lists: dict[str, str]
+    failures: int = 0
+    precise_bn_done_at: int = -1
+    last_checkpoint: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
+
+    def autocast(self):
+        if self.opts.precision == "bf16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def allreduce(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.ctx.distributed:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    # -- one iteration
+    def step(self, it: int, batch: dict) -> dict:
+        solver = _solver()
+        lr = solver.lr_at(self.cfg, it)
+        solver.set_lr(self.optimizer, lr)
+        clips = normalise_clips(batch["clip"].to(self.device, non_blocking=True), self.sampling)
+        labels = batch["label"].to(self.device)
+        accumulate = self.opts.accumulate
+        scale = 1.0 / accumulate
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = top1 = top5 = 0.0
+        nonfinite = 0.0
+        for m in range(accumulate):
+            x = clips[m * self.micro : (m + 1) * self.micro]
+            y = labels[m * self.micro : (m + 1) * self.micro]
+            sync = m == accumulate - 1 or not self.ctx.distributed
+            with contextlib.nullcontext() if sync else self.ddp.no_sync(), self.autocast():
+                logits = self.ddp(x)
+                loss = F.cross_entropy(logits.float(), y)
+                if not torch.isfinite(loss):
+                    nonfinite = 1.0
+                (loss * scale).backward()
+            with torch.no_grad():
+                loss_sum += float(loss) * len(y)
+                top = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
+                hit = top == y[:, None]
+                top1 += float(hit[:, 0].sum())
+                top5 += float(hit.any(dim=1).sum())
+        n = float(len(labels))
+        loss_sum, top1, top5, n, nonfinite = self.allreduce([loss_sum, top1, top5, n, nonfinite])
+        if nonfinite or not math.isfinite(loss_sum):
+            raise NonFiniteLossError(
+                f"the loss became non-finite at iteration {it + 1} (lr {lr:.6g}); the weights "
+                f"were not updated and nothing was written after the last checkpoint "
+                f"({self.last_checkpoint or 'none yet'})"
+            )
+        self.optimizer.step()
+        return {
+            "lr": lr,
+            "loss": loss_sum / n,
+            "top1_err": 1.0 - top1 / n,
+            "top5_err": 1.0 - top5 / n,
+            "failures": len(batch["failures"]),
+        }
+
+    # -- precise BN
+    def precise_bn(self, iteration: int) -> None:
+        if not _uses_precise_bn(self.cfg) or self.precise_bn_done_at == iteration:
+            return
+        compute = _precise_bn_fn()
+        num_iters = int(self.cfg.TRAIN.ITER_COMPUTE_PRECISE_BN) * self.opts.accumulate
+        dataset = TrainClipDataset(
+            self.train_set.vlist,
+            self.sampling,
+            seed=int(self.cfg.RNG_SEED),
+            backend=self.opts.backend,
+            stream=(2, iteration),
+        )
+        per = self.micro
+        base = self.ctx.rank * num_iters * per
+        loader = _loader(
+            dataset,
+            _Positions(range(base, base + num_iters * per)),
+            per,
+            self.opts.workers,
+            seed=iteration,
+        )
+
+        def batches():
+            for b in loader:
+                with self.autocast():
+                    yield normalise_clips(b["clip"].to(self.device), self.sampling)
+
+        t0 = time.perf_counter()
+        compute(self.model, batches(), num_iters)
+        self.precise_bn_done_at = iteration
+        logger.info(
+            "precise BN at iteration %d: %d batches of %d clips per process (%.1f s)",
+            iteration,
+            num_iters,
+            per,
+            time.perf_counter() - t0,
+        )
+
+    # -- validation
+    def validate(self, iteration: int) -> dict | None:
+        if not self.opts.val_list:
+            return None
+        vlist = read_video_list(self.opts.val_list, self.opts.data_root, self.cfg.MODEL.NUM_CLASSES)
+        dataset = TrainClipDataset(
+            vlist, self.sampling, int(self.cfg.RNG_SEED), self.opts.backend, stream=(1,)
+        )
+        n = len(dataset)
+        positions = range(self.ctx.rank, n, self.ctx.world_size)
+        loader = _loader(dataset, _Positions(positions), self.micro, self.opts.workers, iteration)
+        self.model.eval()
+        top1 = top5 = count = 0.0
+        try:
+            with torch.no_grad():
+                for b in loader:
+                    x = normalise_clips(b["clip"].to(self.device), self.sampling)
+                    y = b["label"].to(self.device)
+                    with self.autocast():
+                        logits = self.model(x).float()
+                    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+                    hit = top == y[:, None]
+                    top1 += float(hit[:, 0].sum())
+                    top5 += float(hit.any(dim=1).sum())
+                    count += len(y)
+        finally:
+            self.model.train()
+        top1, top5, count = self.allreduce([top1, top5, count])
+        result = {
+            "iteration": iteration,
+            "top1_err": 1 - top1 / count,
+            "top5_err": 1 - top5 / count,
+        }
+        logger.info(
+            "val at iteration %d: top-1 error %.2f%%, top-5 error %.2f%% (%d random-crop clips)",
+            iteration,
+            100 * result["top1_err"],
+            100 * result["top5_err"],
+            int(count),
+        )
+        return result
+
+    # -- checkpoints
+    def save(self, iteration: int, last_lr: float) -> None:
+        self.precise_bn(iteration)
+        if not self.ctx.is_main:
+            self.ctx.barrier()
+            return
+        out = self.opts.output_dir
+        state = self.model.state_dict()
+        solver = _solver()
+        if self.opts.write_caffe2:
+            blobs: dict[str, Any] = dict(state_dict_to_blobs(state))
+            blobs.update(solver.caffe2_momentum_blobs(self.optimizer))
+            blobs["lr"] = np.array(last_lr, dtype=np.float32)
+            blobs["model_iter"] = int(iteration)
+            write_caffe2_pkl(blobs, pkl_path(out, iteration), protocol=2, wrapped=True)
+        train_state = {
+            "iteration": int(iteration),
+            "data_position": int(iteration) * int(self.cfg.TRAIN.BATCH_SIZE),
+            "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "lists": dict(self.lists),
+            "world_size": self.ctx.world_size,
+            "accumulate": self.opts.accumulate,
+            "precision": self.opts.precision,
+            "decode_failures": int(self.failures),
+            "precise_bn_done_at": int(self.precise_bn_done_at),
+            "last_lr": float(last_lr),
+        }
+        meta = {
+            "source": "vnl-train",
+            "iteration": int(iteration),
+            "train_list_sha256": self.lists.get("train", ""),
+            **self.opts.extra_meta,
+        }
+        path = pt_path(out, iteration)
+        save_training_checkpoint(path, state, self.cfg, meta, train_state)
+        self.last_checkpoint = str(path)
+        logger.info("checkpoint %s%s", path, " (+ .pkl)" if self.opts.write_caffe2 else "")
+        self.ctx.barrier()
+
+
+def _check_resume(data: dict, cfg, lists: dict[str, str], path: Path) -> None:
+    differences = config_differences(data["cfg"], cfg_to_dict(cfg))
+    old_lists = data["train"].get("lists", {})
+    for name in ("train", "val"):
+        if old_lists.get(name, "") != lists.get(name, ""):
+            differences.append(f"--{name}-list (file content differs: sha256)")
+    if differences:
+        shown = "; ".join(differences[:6]) + (
+            f"; ... ({len(differences)} in all)" if len(differences) > 6 else ""
+        )
+        raise TrainingError(
+            f"cannot resume from {path}: the run was started with a different configuration "
+            f"or list ({shown}); use another --output-dir for a new run"
+        )
+
+
+def _list_digest(path: str | None) -> str:
+    if not path:
+        return ""
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def train(opts: TrainOptions, ctx: DistContext) -> dict:
+    """Run (or resume) a training run; returns a summary (final iteration, checkpoint, val)."""
+    cfg = opts.cfg
+    micro = check_train_cfg(cfg, ctx.world_size, opts.accumulate, opts.precision, ctx.device)
+    out = Path(opts.output_dir)
+    lock = RunLock(out)
+    if ctx.is_main:
+        lock.acquire()
+        if lock.stale_pid:
+            logger.warning("took over the lock of a stopped trainer (pid %d)", lock.stale_pid)
+    try:
+        return _train(opts, ctx, micro)
+    finally:
+        lock.release()
+
+
+def _train(opts: TrainOptions, ctx: DistContext, micro: int) -> dict:
+    cfg = opts.cfg
+    vlist = read_video_list(opts.train_list, opts.data_root, cfg.MODEL.NUM_CLASSES)
+    lists = {"train": _list_digest(opts.train_list), "val": _list_digest(opts.val_list)}
+    sampling = TrainSampling.from_cfg(cfg)
+    train_set = TrainClipDataset(vlist, sampling, int(cfg.RNG_SEED), opts.backend)
+
+    latest = find_latest_checkpoint(opts.output_dir)
+    if latest is not None and not opts.resume:
+        raise TrainingError(
+            f"{opts.output_dir} already holds checkpoints ({latest.name}): pass --resume to "
+            f"continue that run, or choose another --output-dir"
+        )
+    resume_data = load_training_checkpoint(latest) if (opts.resume and latest) else None
+    if resume_data is not None:
+        _check_resume(resume_data, cfg, lists, latest)
+    elif opts.resume:
+        logger.info("--resume: no checkpoint in %s yet; starting a new run", opts.output_dir)
+
+    torch.manual_seed(int(cfg.RNG_SEED))
+    np.random.seed(int(cfg.RNG_SEED))
+    model = build_model(cfg, split="train").to(ctx.device)
+    start_iter = 0
+    if resume_data is None and cfg.TRAIN.PARAMS_FILE:
+        start_iter = initialise_from_params_file(model, cfg, cfg.TRAIN.PARAMS_FILE)
+    optimizer = _solver().build_optimizer(model, cfg)
+    if resume_data is not None:
+        model.load_state_dict(resume_data["state_dict"], strict=True)
+        optimizer.load_state_dict(resume_data["train"]["optimizer"])
+        start_iter = int(resume_data["train"]["iteration"])
+        torch.set_rng_state(resume_data["train"]["torch_rng"])
+        if torch.cuda.is_available() and resume_data["train"]["cuda_rng"]:
+            torch.cuda.set_rng_state_all(resume_data["train"]["cuda_rng"])
+        logger.info("resumed from %s at iteration %d", latest, start_iter)
+    ddp: torch.nn.Module = model
+    if ctx.distributed:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+            broadcast_buffers=False,  # per-device BN statistics, as the original's GPUs
+        )
+    run = _Run(opts, ctx, cfg, model, ddp, optimizer, sampling, train_set, micro, lists)
+    if resume_data is not None:
+        run.failures = int(resume_data["train"].get("decode_failures", 0))
+        run.precise_bn_done_at = int(resume_data["train"].get("precise_bn_done_at", -1))
+        run.last_checkpoint = str(latest)
+    max_iter = int(cfg.SOLVER.MAX_ITER)
+    period = int(cfg.CHECKPOINT.CHECKPOINT_PERIOD)
+    eval_period = int(cfg.TRAIN.EVAL_PERIOD)
+    log_period = max(1, int(cfg.LOG_PERIOD))
+    per_rank = int(cfg.TRAIN.BATCH_SIZE) // ctx.world_size
+    batch = int(cfg.TRAIN.BATCH_SIZE)
+    sampler = TrainSampler(start_iter, max_iter, batch, ctx.rank, ctx.world_size)
+    loader = _loader(train_set, sampler, per_rank, opts.workers, int(cfg.RNG_SEED))
+    logger.info(
+        "training %s: iterations %d..%d, global batch %d = %d process(es) x %d micro-batch(es) "
+        "x %d clips, %s, device %s",
+        cfg.MODEL.MODEL_NAME,
+        start_iter,
+        max_iter,
+        cfg.TRAIN.BATCH_SIZE,
+        ctx.world_size,
+        opts.accumulate,
+        micro,
+        opts.precision,
+        ctx.device,
+    )
+    bar = None
+    if opts.progress and ctx.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=max_iter, initial=start_iter, unit="it", desc="train", dynamic_ncols=True)
+    model.train()
+    if resume_data is not None:
+        last_lr = float(resume_data["train"]["last_lr"])
+    else:
+        last_lr = _solver().lr_at(cfg, start_iter)
+    val_result = None
+    window_t = time.perf_counter()
+    data_time = 0.0
+    window_clips = 0
+    totals = {"clips": 0, "data_seconds": 0.0, "first_batch_seconds": 0.0}
+    run_t0 = time.perf_counter()
+    it = start_iter
+    t_data = time.perf_counter()
+    for it, batch in zip(range(start_iter, max_iter), loader):
+        waited = time.perf_counter() - t_data
+        data_time += waited
+        if it == start_iter:
+            totals["first_batch_seconds"] = waited
+        else:
+            totals["data_seconds"] += waited
+            totals["clips"] += int(cfg.TRAIN.BATCH_SIZE)
+        stats = run.step(it, batch)
+        last_lr = stats["lr"]
+        run.failures += stats["failures"]
+        window_clips += int(cfg.TRAIN.BATCH_SIZE)
+        done = it + 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.3g}")
+        if done % log_period == 0 or done == max_iter:
+            elapsed = time.perf_counter() - window_t
+            rate = window_clips / elapsed if elapsed > 0 else float("nan")
+            eta = (max_iter - done) * cfg.TRAIN.BATCH_SIZE / rate if rate > 0 else float("nan")
+            logger.info(
+                "iter %d/%d  lr %.6g  loss %.4f  top1_err %.2f%%  top5_err %.2f%%  "
+                "%.2f clips/s  data %.0f%%  eta %s%s",
+                done,
+                max_iter,
+                stats["lr"],
+                stats["loss"],
+                100 * stats["top1_err"],
+                100 * stats["top5_err"],
+                rate,
+                100 * data_time / elapsed if elapsed > 0 else 0.0,
+                _fmt_seconds(eta),
+                f"  ({run.failures} videos replaced so far)" if run.failures else "",
+            )
+            window_t, window_clips, data_time = time.perf_counter(), 0, 0.0
+        if eval_period > 0 and done % eval_period == 0 and opts.val_list:
+            run.precise_bn(done)
+            val_result = run.validate(done)
+        if (period > 0 and done % period == 0) or done == max_iter:
+            run.save(done, last_lr)
+        t_data = time.perf_counter()
+    if bar is not None:
+        bar.close()
+    if resume_data is not None and start_iter >= max_iter:
+        logger.info("the run had already finished at iteration %d", start_iter)
+    summary = {
+        "iteration": max(it + 1, start_iter) if max_iter > start_iter else start_iter,
+        "checkpoint": run.last_checkpoint,
+        "val": val_result,
+        "decode_failures": run.failures,
+        "model": model,
+        "throughput": {**totals, "seconds": time.perf_counter() - run_t0},
+    }
+    if run.failures:
+        logger.warning("%d training samples were replaced because their video failed", run.failures)
+    return summary
+
+
+def _fmt_seconds(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}"

@@ -1,0 +1,156 @@
+"""``vnl-train``: the original's training (``tools/train_net_video.py``) on PyTorch.
+
+Single process::
+
+    vnl-train --model i3d_nonlocal_8x8_IN_pretrain_400k --train-list trainlist.txt \\
+        --val-list vallist.txt --data-root /data/k400 --output-dir runs/i3d_nl \\
+        TRAIN.PARAMS_FILE r50_pretrain_c2_model_iter450450_clean.pkl
+
+Several processes (DDP; ``TRAIN.BATCH_SIZE`` stays the global batch)::
+
+    torchrun --nproc_per_node=8 $(which vnl-train) --model ... --output-dir runs/i3d_nl
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from ..converters.errors import ConversionError
+from ..core.config import ConfigError
+from ..datasets.decoders import BACKENDS
+from ..datasets.train_clips import TrainDataError
+from ..engine.bn_helper import PreciseBNError
+from ..engine.distributed import init_distributed
+from ..engine.train_checkpoints import RunLockedError
+from ..engine.trainer import TrainingError, TrainOptions, train
+from ..models.checkpoint import CheckpointError
+from ..models.model_builder import get_cfg
+from ..utils.log import add_logging_arguments, run_reporting_errors, setup_logging
+
+logger = logging.getLogger("nonlocal_net.train")
+
+PROG = "vnl-train"
+EXPECTED_ERRORS = (
+    TrainingError,
+    TrainDataError,
+    ConfigError,
+    CheckpointError,
+    ConversionError,
+    RunLockedError,
+    PreciseBNError,
+    FileNotFoundError,
+    ValueError,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Train or fine-tune a video non-local network with the original's recipe "
+        "(augmentation, Caffe2 solver, per-device BN, precise BN, checkpoints in both formats). "
+        "Run under torchrun for DDP across processes.",
+        epilog="Trailing KEY VALUE pairs override the config, as on the original's command "
+        "line (e.g. TRAIN.PARAMS_FILE in.pkl SOLVER.MAX_ITER 1000 MODEL.NUM_CLASSES 101). "
+        "Exit status: 0 done, 1 error.",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--cfg", help="original-format YAML config file")
+    source.add_argument("--model", help="zoo name (a released model's recipe)")
+    parser.add_argument("--train-list", required=True, help="'<path> <label>' lines")
+    parser.add_argument("--val-list", help="list for TRAIN.EVAL_PERIOD validation and the test")
+    parser.add_argument("--data-root", help="folder the list paths are taken under")
+    parser.add_argument("--output-dir", required=True, help="checkpoints and logs go here")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest complete checkpoint in --output-dir (same config and "
+        "lists required)",
+    )
+    parser.add_argument(
+        "--accumulate",
+        type=int,
+        default=1,
+        help="split each process's batch into A micro-batches (each with its own BN "
+        "statistics, as one of the original's GPUs)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="fp32 (default, the original's numerics) or bf16 autocast (CUDA only)",
+    )
+    parser.add_argument(
+        "--no-caffe2", action="store_true", help="do not write c2_model_iter<N>.pkl files"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes"
+    )
+    parser.add_argument("--backend", choices=sorted(BACKENDS), default="opencv", help="decoder")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_logging_arguments(parser)
+    parser.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = get_cfg(args.cfg or args.model, args.opts)
+    ctx = init_distributed(args.device)
+    try:
+        opts = TrainOptions(
+            cfg=cfg,
+            train_list=args.train_list,
+            output_dir=args.output_dir,
+            val_list=args.val_list,
+            data_root=args.data_root,
+            resume=args.resume,
+            accumulate=args.accumulate,
+            precision=args.precision,
+            write_caffe2=not args.no_caffe2,
+            workers=max(0, args.workers),
+            backend=args.backend,
+            progress=not args.no_progress,
+            extra_meta={"config_source": args.cfg or args.model},
+        )
+        summary = train(opts, ctx)
+        if cfg.TRAIN.TEST_AFTER_TRAIN and summary["checkpoint"]:
+            _test_after_train(args, summary["checkpoint"])
+    finally:
+        ctx.close()
+    return 0
+
+
+def _test_after_train(args: argparse.Namespace, checkpoint: str) -> None:
+    """The original's ``TEST_AFTER_TRAIN``: the 30-view test of the last checkpoint."""
+    if not args.val_list:
+        logger.warning("TRAIN.TEST_AFTER_TRAIN: no --val-list given, test skipped")
+        return
+    from ..engine.evaluator import evaluate
+    from ..engine.metrics import format_report
+
+    report = evaluate(
+        args.val_list,
+        checkpoint,
+        data_root=args.data_root,
+        report_path=os.path.join(args.output_dir, "test_report.json"),
+        workers=max(0, args.workers),
+        backend=args.backend,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_report(report))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    verbosity = args.verbose - args.quiet
+    setup_logging(verbosity if rank == 0 else min(-1, verbosity))
+    return run_reporting_errors(PROG, lambda: _run(args), EXPECTED_ERRORS, verbose=args.verbose)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

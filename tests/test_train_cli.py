@@ -1,0 +1,229 @@
+"""vnl-train end to end on OpenCV-written videos with the real (tiny) I3D non-local network:
+overfitting, the written .pkl through vnl-convert and vnl-verify, resume after SIGKILL,
+torchrun DDP against --accumulate, and the refusals."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from train_helpers import AFFINE_BASE, BASE, TINY, run_train, write_class_dataset
+
+import nonlocal_net as nl
+from nonlocal_net.converters.reader import read_caffe2_pkl
+
+
+def overrides(**changes):
+    """TINY with some KEY VALUE pairs replaced (keys written with '__' for '.')."""
+    pairs = dict(zip(TINY[0::2], TINY[1::2]))
+    pairs.update({k.replace("__", "."): str(v) for k, v in changes.items()})
+    return [x for kv in pairs.items() for x in kv]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_data")
+    return write_class_dataset(root)
+
+
+def base_args(data, out, model=BASE, **changes):
+    return [
+        "--model", model, "--train-list", data, "--output-dir", out, "--workers", "0",
+        "--no-progress", *overrides(**changes),
+    ]  # fmt: skip
+
+
+def one_line_error(result):
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("vnl-train: error:")]
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def losses_and_errors(stderr):
+    found = re.findall(r"iter (\d+)/\d+ .*? loss ([0-9.]+)\s+top1_err ([0-9.]+)%", stderr)
+    return [(int(i), float(loss), float(err)) for i, loss, err in found]
+
+
+@pytest.mark.slow
+def test_overfits_and_pkl_converts_and_verifies(data, tmp_path):
+    out = tmp_path / "run"
+    result = run_train(
+        base_args(
+            data,
+            out,
+            SOLVER__MAX_ITER=10,
+            SOLVER__STEP_SIZES="[100]",
+            SOLVER__LRS="[1]",
+            TRAIN__BATCH_SIZE=3,
+            CHECKPOINT__CHECKPOINT_PERIOD=-1,
+        ),
+        check=True,
+    )
+    log = losses_and_errors(result.stderr)
+    assert [i for i, _, _ in log] == list(range(1, 11))
+    first, last = log[0][1], [loss for _, loss, _ in log[-3:]]
+    assert max(last) < first / 3, log
+    assert all(err == 0.0 for _, _, err in log[-3:]), log  # training accuracy 100%
+    pkl = out / "checkpoints/c2_model_iter10.pkl"
+    ckpt = read_caffe2_pkl(pkl)
+    assert ckpt.wrapped and ckpt.protocol == 2 and ckpt.model_iter == 10
+    assert ckpt.lr == pytest.approx(0.01)
+    assert len(ckpt.blobs) == 327 and len(ckpt.momentum_info) == 211  # R50 + 5 non-local
+    cfg = overrides(TRAIN__BATCH_SIZE=3)
+    conv = tmp_path / "conv.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [sys.executable, "-m", "nonlocal_net.converters", pkl, conv, "--model", BASE, *cfg],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    verify = subprocess.run(
+        [sys.executable, "-m", "nonlocal_net.verify", pkl, conv, "--split", "val", *cfg],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert verify.returncode == 0 and "PASS" in verify.stdout, verify.stdout + verify.stderr
+    # the .pt is what nl.load_model reads, with the same weights
+    model = nl.load_model(out / "checkpoints/model_iter10.pt", split="val")
+    converted = nl.load_model(conv, split="val")
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, converted.state_dict()[key]), key
+
+
+def final_state(out, iteration):
+    return torch.load(out / f"checkpoints/model_iter{iteration}.pt", weights_only=True)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_identical(data, tmp_path):
+    args = dict(SOLVER__MAX_ITER=4, CHECKPOINT__CHECKPOINT_PERIOD=1, TRAIN__BATCH_SIZE=2)
+    args.update(TRAIN__DROPOUT_RATE=0.5)  # the RNG state must survive the resume too
+    straight = tmp_path / "straight"
+    run_train(base_args(data, straight, **args), check=True)
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "nonlocal_net.tools.train_net_video"]
+    proc = subprocess.Popen(
+        [*command, *map(str, base_args(data, killed, **args))],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stderr=subprocess.DEVNULL,
+    )
+    target = killed / "checkpoints/model_iter2.pt"
+    deadline = time.time() + 240
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert target.exists() and not (killed / "checkpoints/model_iter4.pt").exists()
+    assert (killed / ".vnl-train.lock").exists()  # left behind by the killed trainer
+    resumed = run_train([*base_args(data, killed, **args), "--resume"], check=True)
+    assert "resumed from" in resumed.stderr and "stopped trainer" in resumed.stderr
+    a, b = final_state(straight, 4), final_state(killed, 4)
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    for (ka, va), (_, vb) in zip(
+        a["train"]["optimizer"]["state"].items(), b["train"]["optimizer"]["state"].items()
+    ):
+        assert torch.equal(va["momentum_buffer"], vb["momentum_buffer"]), ka
+    pa = read_caffe2_pkl(straight / "checkpoints/c2_model_iter4.pkl")
+    pb = read_caffe2_pkl(killed / "checkpoints/c2_model_iter4.pkl")
+    assert pa.blobs.keys() == pb.blobs.keys() and pa.lr == pb.lr
+    assert all((pa.momentum[k] == pb.momentum[k]).all() for k in pa.momentum)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_gloo_equals_accumulate_two(data, tmp_path):
+    args = dict(SOLVER__MAX_ITER=2, CHECKPOINT__CHECKPOINT_PERIOD=-1, TRAIN__BATCH_SIZE=4)
+    single = tmp_path / "single"
+    one = run_train(
+        [*base_args(data, single, AFFINE_BASE, **args), "--accumulate", "2"], check=True
+    )
+    assert "1 process(es) x 2 micro-batch(es) x 2 clips" in one.stderr
+    ddp = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        f"--master_port={free_port()}", "-m", "nonlocal_net.tools.train_net_video",
+        *map(str, base_args(data, ddp, AFFINE_BASE, **args)),
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    a, b = final_state(single, 2)["state_dict"], final_state(ddp, 2)["state_dict"]
+    for key, value in a.items():
+        torch.testing.assert_close(b[key], value, rtol=1e-4, atol=1e-6, msg=key)
+    assert "2 process(es) x 1 micro-batch(es) x 2 clips" in result.stderr
+
+
+def test_refusals_are_one_line_and_lose_nothing(data, tmp_path):
+    out = tmp_path / "run"
+    # a params file of another network (bottlenecks twice as wide)
+    from nonlocal_net.converters.synthetic import write_synthetic_checkpoint
+
+    other = tmp_path / "wider.pkl"
+    write_synthetic_checkpoint(other, nl.get_cfg(BASE, overrides(RESNETS__WIDTH_PER_GROUP=8)))
+    line = one_line_error(run_train(base_args(data, out, TRAIN__PARAMS_FILE=other)))
+    assert "wider.pkl" in line
+    # bf16 on CPU, an accumulate that does not divide the batch
+    line = one_line_error(run_train([*base_args(data, out), "--precision", "bf16"]))
+    assert "bf16" in line and "CUDA" in line
+    line = one_line_error(run_train([*base_args(data, out), "--accumulate", "3"]))
+    assert "--accumulate 3" in line
+    assert not (out / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_naming_the_iteration_and_keeps_the_checkpoint(data, tmp_path):
+    out = tmp_path / "run"
+    args = base_args(
+        data,
+        out,
+        SOLVER__MAX_ITER=4,
+        CHECKPOINT__CHECKPOINT_PERIOD=1,
+        TRAIN__BATCH_SIZE=2,
+        SOLVER__BASE_LR="1e30",
+        SOLVER__STEP_SIZES="[100]",
+        SOLVER__LRS="[1]",
+    )
+    line = one_line_error(run_train(args))
+    match = re.search(r"non-finite at iteration (\d+)", line)
+    assert match, line
+    failed = int(match.group(1))
+    kept = sorted(p.name for p in (out / "checkpoints").glob("model_iter*.pt"))
+    assert kept == [f"model_iter{i}.pt" for i in range(1, failed)]
+    assert not (out / ".vnl-train.lock").exists()
+
+
+@pytest.mark.slow
+def test_resume_with_another_config_or_list_is_refused(data, tmp_path):
+    out = tmp_path / "run"
+    args = dict(SOLVER__MAX_ITER=1, TRAIN__BATCH_SIZE=2)
+    run_train(base_args(data, out, **args), check=True)
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    line = one_line_error(
+        run_train([*base_args(data, out, SOLVER__BASE_LR="0.5", **args), "--resume"])
+    )
+    assert "SOLVER.BASE_LR" in line and "0.01" in line and "0.5" in line
+    other_list = tmp_path / "other.txt"
+    other_list.write_text(data.read_text().replace("c2/v1.avi 2\n", ""))
+    line = one_line_error(run_train([*base_args(other_list, out, **args), "--resume"]))
+    assert "--train-list" in line
+    line = one_line_error(run_train(base_args(data, out, **args)))  # no --resume
+    assert "--resume" in line
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
