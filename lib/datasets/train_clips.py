@@ -43,9 +43,9 @@ from torch.utils.data import Dataset, Sampler
 
 from ..core.config import ConfigError
 from .decoders import VideoDecodeError, decode_selected
-from .test_protocol import scaled_size
-from .test_views import _crop_with_flat_wrap
+from .protocol import scaled_size
 from .video_list import VideoList
+from .views import _crop_with_flat_wrap
 
 __all__ = [
     "MAX_REPLACEMENTS",

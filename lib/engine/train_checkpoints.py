@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..models.checkpoint import FORMAT, CheckpointError, cfg_to_dict
+from ..core.weights_file import FORMAT, WeightsFileError, weights_payload
 from ..utils.io import atomic_write
 
 __all__ = [
@@ -128,13 +128,8 @@ def save_training_checkpoint(
     train_state: Mapping[str, Any],
 ) -> None:
     """Write the ``.pt`` atomically: the converted-checkpoint format plus ``train``."""
-    payload = {
-        "format": FORMAT,
-        "state_dict": {k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
-        "cfg": cfg_to_dict(cfg),
-        "meta": dict(meta),
-        "train": dict(train_state),
-    }
+    payload = weights_payload(state_dict, cfg, meta)
+    payload["train"] = dict(train_state)
     with atomic_write(path) as f:
         torch.save(payload, f)
 
@@ -155,9 +150,9 @@ def load_training_checkpoint(path: str | os.PathLike) -> dict:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot read the training checkpoint ({e})") from e
+        raise WeightsFileError(f"{path}: cannot read the training checkpoint ({e})") from e
     if not isinstance(data, dict) or data.get("format") != FORMAT or "train" not in data:
-        raise CheckpointError(f"{path}: not a vnl-train checkpoint (no training state)")
+        raise WeightsFileError(f"{path}: not a vnl-train checkpoint (no training state)")
     return data
 
 

@@ -39,7 +39,8 @@ from ..converters.reader import read_caffe2_pkl
 from ..converters.report import INITIALISED
 from ..converters.sniff import looks_like_pickle
 from ..converters.writer import write_caffe2_pkl
-from ..core.config import ConfigError
+from ..core.config import ConfigError, cfg_to_dict
+from ..core.weights_file import WeightsFileError, load_weights_file
 from ..datasets.train_clips import (
     TrainClipDataset,
     TrainDataError,
@@ -49,7 +50,6 @@ from ..datasets.train_clips import (
     normalise_clips,
 )
 from ..datasets.video_list import read_video_list
-from ..models.checkpoint import CheckpointError, cfg_to_dict, load_checkpoint
 from ..models.model_builder import build_model
 from .distributed import DistContext
 from .train_checkpoints import (
@@ -63,11 +63,11 @@ from .train_checkpoints import (
 )
 
 __all__ = [
-    "CheckpointError",
     "NonFiniteLossError",
     "TrainDataError",
     "TrainOptions",
     "TrainingError",
+    "WeightsFileError",
     "check_train_cfg",
     "initialise_from_params_file",
     "train",
@@ -158,7 +158,7 @@ def _params_file_blobs(path: str) -> tuple[dict[str, Any], int | None]:
         ckpt = read_caffe2_pkl(path, load_momentum=False)
         logger.info("%s: %s", path, ckpt.describe())
         return ckpt.entries(), ckpt.model_iter
-    data = load_checkpoint(path)
+    data = load_weights_file(path)
     return state_dict_to_blobs(data["state_dict"], source=path), None
 
 

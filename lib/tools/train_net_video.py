@@ -18,15 +18,14 @@ import logging
 import os
 
 from ..converters.errors import ConversionError
-from ..core.config import ConfigError
+from ..core.config import ConfigError, get_cfg
+from ..core.weights_file import WeightsFileError
 from ..datasets.decoders import BACKENDS
 from ..datasets.train_clips import TrainDataError
 from ..engine.bn_helper import PreciseBNError
 from ..engine.distributed import init_distributed
 from ..engine.train_checkpoints import RunLockedError
 from ..engine.trainer import TrainingError, TrainOptions, train
-from ..models.checkpoint import CheckpointError
-from ..models.model_builder import get_cfg
 from ..utils.log import add_logging_arguments, run_reporting_errors, setup_logging
 
 logger = logging.getLogger("nonlocal_net.train")
@@ -36,7 +35,7 @@ EXPECTED_ERRORS = (
     TrainingError,
     TrainDataError,
     ConfigError,
-    CheckpointError,
+    WeightsFileError,
     ConversionError,
     RunLockedError,
     PreciseBNError,
