@@ -6,6 +6,8 @@
     vnl-convert SRC.pkl DST.pt --cfg FILE.yaml [KEY VALUE ...]
     vnl-convert SRC.pkl --dry-run --model <zoo name>      # print the mapping table, write nothing
     vnl-convert DST.pt OUT.pkl --to-caffe2
+    vnl-convert SRC.pkl OUT.pkl --ftvideo     # modify_caffe2_ftvideo.py: BN folded into affines
+    vnl-convert SRC.pkl OUT.pkl --blob-rm     # modify_blob_rm.py: BN statistics and pred dropped
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .convert import convert_blobs
 from .convert_file import convert_checkpoint
 from .errors import Caffe2FormatError, ConversionError
 from .export import export_caffe2
+from .finetune import write_finetune_file
 from .reader import read_caffe2_pkl
 
 __all__ = ["main", "parse_args"]
@@ -45,7 +48,8 @@ EXPECTED_ERRORS = (
 USAGE = """\
 vnl-convert SRC.pkl DST.pt (--model NAME | --cfg FILE.yaml) [options] [KEY VALUE ...]
        vnl-convert SRC.pkl --dry-run (--model NAME | --cfg FILE.yaml) [options] [KEY VALUE ...]
-       vnl-convert SRC.pt OUT.pkl --to-caffe2 [--protocol {0,2}] [--flat] [--lr LR]"""
+       vnl-convert SRC.pt OUT.pkl --to-caffe2 [--protocol {0,2}] [--flat] [--lr LR]
+       vnl-convert SRC.pkl OUT.pkl (--ftvideo | --blob-rm)"""
 
 EPILOG = """\
 Every blob of SRC must have a place in the model and every model tensor must come from SRC;
@@ -114,6 +118,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     export.add_argument(
         "--model-iter", type=int, default=None, help="write a model_iter entry (omitted by default)"
     )
+    ft = parser.add_argument_group(
+        "fine-tuning files (Caffe2 -> Caffe2, flat dict, protocol 0, as the original's scripts)"
+    )
+    ft_mode = ft.add_mutually_exclusive_group()
+    ft_mode.add_argument(
+        "--ftvideo",
+        dest="ft_mode",
+        action="store_const",
+        const="ftvideo",
+        help="modify_caffe2_ftvideo.py: fold BN into frozen affines (eps 1e-5), drop pred and "
+        "momentum, lr 0.00125 (the init of the MODEL.USE_AFFINE recipes)",
+    )
+    ft_mode.add_argument(
+        "--blob-rm",
+        dest="ft_mode",
+        action="store_const",
+        const="blob-rm",
+        help="modify_blob_rm.py: drop BN running statistics, momentum, model_iter and pred, "
+        "lr 0.01 (a Kinetics model prepared for another dataset)",
+    )
     add_logging_arguments(parser)
     args = parser.parse_intermixed_args(argv)
     _split_positionals(parser, args)
@@ -130,6 +154,10 @@ def _split_positionals(parser: argparse.ArgumentParser, args: argparse.Namespace
     if rest and not (args.dry_run and _CFG_KEY.fullmatch(rest[0])):
         args.dst = rest.pop(0)
     args.overrides = rest
+    if args.ft_mode:
+        if args.dst is None or rest or args.model or args.cfg or args.dry_run or args.to_caffe2:
+            parser.error(f"--{args.ft_mode} takes exactly SRC.pkl OUT.pkl")
+        return
     if args.to_caffe2:
         if args.dst is None or rest or args.model or args.cfg or args.dry_run:
             parser.error("--to-caffe2 takes exactly SRC.pt OUT.pkl (the config is in SRC.pt)")
@@ -143,6 +171,10 @@ def _split_positionals(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.ft_mode:
+        out = write_finetune_file(args.src, args.dst, args.ft_mode)
+        print(f"{args.src} -> {args.dst}: {len(out)} entries ({args.ft_mode}, flat, protocol 0)")
+        return 0
     if args.to_caffe2:
         result = export_caffe2(
             args.src,
