@@ -13,7 +13,7 @@ import pytest
 
 import nonlocal_net as nl
 from nonlocal_net.core.config import cfg_from_list
-from nonlocal_net.models.zoo import PRETRAINED_INIT, ZOO
+from nonlocal_net.core.zoo import PRETRAINED_INIT, ZOO
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 ALL = sorted(SCRIPTS.glob("*.sh"))
