@@ -8,12 +8,14 @@ Typical use::
 """
 
 from .core.config import ConfigError
+from .engine.inference import PRECISIONS, prepare_for_inference
 from .models import ZOO, build_model, get_cfg, get_zoo_entry, list_models
 from .models.checkpoint import load_model
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PRECISIONS",
     "ZOO",
     "ConfigError",
     "__version__",
@@ -22,4 +24,5 @@ __all__ = [
     "get_zoo_entry",
     "list_models",
     "load_model",
+    "prepare_for_inference",
 ]
