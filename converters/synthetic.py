@@ -31,7 +31,12 @@ from nonlocal_net.models import build_model
 from .names import state_dict_key_to_blob
 from .writer import write_caffe2_pkl
 
-__all__ = ["synthetic_blob", "synthetic_checkpoint_blobs", "write_synthetic_checkpoint"]
+__all__ = [
+    "load_synthetic_weights",
+    "synthetic_blob",
+    "synthetic_checkpoint_blobs",
+    "write_synthetic_checkpoint",
+]
 
 LR_400K = 1e-4  # the learning rate of the last step of the 400k schedules
 
@@ -104,3 +109,15 @@ def write_synthetic_checkpoint(
     blobs = synthetic_checkpoint_blobs(cfg, seed=seed, momentum=momentum)
     write_caffe2_pkl(blobs, path, protocol=2, wrapped=True)
     return blobs
+
+
+def load_synthetic_weights(model: torch.nn.Module, *, seed: int = 0) -> torch.nn.Module:
+    """Fill a built model (any split) with :func:`synthetic_blob` values in place, without
+    writing a checkpoint: trained-like weights for tests and benchmarks of the PyTorch side."""
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for key, tensor in model.state_dict().items():
+            name = state_dict_key_to_blob(key)
+            value = synthetic_blob(name, tuple(tensor.shape), rng)
+            tensor.copy_(torch.from_numpy(value.astype(np.float32)))
+    return model

@@ -13,10 +13,12 @@ from .api import create_model, load_model
 from .core.config import ConfigError, get_cfg
 from .core.weights_file import WeightsFileError
 from .core.zoo import ZOO, get_zoo_entry, list_models
+from .engine.inference import PRECISIONS, prepare_for_inference
 from .models import build_model
 from .version import __version__
 
 __all__ = [
+    "PRECISIONS",
     "ZOO",
     "ConfigError",
     "WeightsFileError",
@@ -27,4 +29,5 @@ __all__ = [
     "get_zoo_entry",
     "list_models",
     "load_model",
+    "prepare_for_inference",
 ]

@@ -1,4 +1,4 @@
-"""prepare_for_inference: eval mode, device, channels_last_3d weights with unchanged results."""
+"""prepare_for_inference, strict mode: eval mode, device, channels_last_3d weights, same results."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import nonlocal_net as nl
-from nonlocal_net.engine.device import prepare_for_inference
+from nonlocal_net.engine.inference import prepare_for_inference
 
 
 def test_channels_last_changes_layout_not_results():
@@ -24,7 +24,7 @@ def test_channels_last_changes_layout_not_results():
     assert model.conv1.weight.is_contiguous()
 
 
-def test_only_the_test_split():
-    model = nl.build_model("c2d_baseline_8x8_IN_pretrain_400k", split="val")
-    with pytest.raises(ValueError, match="test-split model, got split 'val'"):
+def test_not_the_train_split():
+    model = nl.build_model("c2d_baseline_8x8_IN_pretrain_400k", split="train")
+    with pytest.raises(ValueError, match="val- or test-split model, got split 'train'"):
         prepare_for_inference(model, torch.device("cpu"))

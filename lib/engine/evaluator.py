@@ -37,8 +37,8 @@ from ..datasets.stream import (
 from ..datasets.video_list import VideoList, read_video_list
 from ..models.model_builder import load_model
 from ..utils.io import atomic_write
-from .device import prepare_for_inference
 from .distributed import DistContext, init_distributed, shard
+from .inference import prepare_for_inference
 from .metrics import VideoOutcome, compute_report, video_outcome
 from .results import (
     ResultsError,
@@ -226,7 +226,7 @@ class _Run:
 
 
 def _header(
-    vlist, num_entries, cfg, model, protocol, weights, backend, data_root, channels_last
+    vlist, num_entries, cfg, fingerprint, protocol, weights, backend, data_root, channels_last
 ) -> dict:
     return {
         "list_file": os.path.abspath(vlist.source),
@@ -234,7 +234,7 @@ def _header(
         "num_entries": num_entries,
         "data_root": os.fspath(data_root) if data_root is not None else None,
         "weights": os.path.abspath(os.fspath(weights)) if weights is not None else None,
-        "model_fingerprint": model_fingerprint(model),
+        "model_fingerprint": fingerprint,
         "cfg": cfg_to_dict(cfg),
         "num_classes": int(cfg.MODEL.NUM_CLASSES),
         "views_per_video": protocol.num_views,
@@ -300,6 +300,8 @@ def evaluate(
     allow_tf32: bool = False,
     channels_last: bool = True,
     mp_context: str = "spawn",
+    precision: str = "strict",
+    compile: bool = False,
 ) -> dict:
     """Evaluate a converted checkpoint (``weights``) or a test-split ``model`` on ``list_file``.
 
@@ -311,10 +313,13 @@ def evaluate(
     run, ``overwrite`` starts again). ``batch_size``: views per forward pass (default
     ``TEST.BATCH_SIZE / NUM_GPUS``, the original's per-GPU batch); batches never mix videos.
     ``limit``: only the first ``limit`` list entries (and the metrics over those).
-    ``channels_last`` / ``allow_tf32``: see :func:`.device.prepare_for_inference`; a resumed run
+    ``channels_last`` / ``allow_tf32``: see :func:`.inference.prepare_for_inference`; a resumed run
     must use the same decoding ``backend`` and ``channels_last`` as the run it continues.
     ``workers`` decoding processes are started with ``mp_context`` ("spawn": a script that
     calls this at import time needs the usual ``if __name__ == "__main__":`` guard).
+    ``precision`` / ``compile``: see :func:`.inference.prepare_for_inference` (``strict``, the
+    default, is the original's arithmetic); recorded in the results file and the report, and a
+    resumed run must use the same mode.
     Under ``torchrun`` the videos are sharded across the processes; every process returns the
     same report.
     """
@@ -350,6 +355,8 @@ def _evaluate(
     allow_tf32,
     channels_last,
     mp_context,
+    precision,
+    compile,
 ) -> dict:
     if backend not in available_backends():
         raise ValueError(
@@ -362,7 +369,10 @@ def _evaluate(
     elif overrides:
         raise ValueError("overrides apply to weights loaded from a file, not to a given model")
     cfg = model.cfg
-    prepare_for_inference(model, ctx.device, channels_last=channels_last, allow_tf32=allow_tf32)
+    fingerprint = model_fingerprint(model)  # of the weights as given, before any folding
+    model = prepare_for_inference(
+        model, ctx.device, precision, compile, channels_last=channels_last, allow_tf32=allow_tf32
+    )
     protocol = TestProtocol.from_cfg(cfg)
     batch_size = batch_size or default_batch_size(cfg)
     vlist = read_video_list(list_file, data_root, num_classes=cfg.MODEL.NUM_CLASSES)
@@ -370,8 +380,9 @@ def _evaluate(
     entries = vlist.entries[:num_entries]
     labels = [e.label for e in entries]
     header = _header(
-        vlist, num_entries, cfg, model, protocol, weights, backend, data_root, channels_last
+        vlist, num_entries, cfg, fingerprint, protocol, weights, backend, data_root, channels_last
     )
+    header["precision"] = precision
 
     store = ResultsStore(results, header) if results is not None else None
     state: Any = (False, [])
@@ -460,6 +471,7 @@ def _evaluate(
         report.update(
             _settings(vlist, weights, results, protocol, batch_size, workers, backend, ctx, limit)
         )
+        report["precision"] = precision
         path = _check_report_path(report_path, results)
         if path is not None:
             write_report(path, report)

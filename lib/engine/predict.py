@@ -18,7 +18,7 @@ import torch
 from ..datasets.protocol import TestProtocol
 from ..datasets.views import VideoMeta, load_test_video
 from ..models.model_builder import load_model
-from .device import prepare_for_inference
+from .inference import prepare_for_inference
 
 __all__ = ["Prediction", "predict_video"]
 
@@ -46,14 +46,18 @@ def predict_video(
     topk: int = 5,
     features: bool = False,
     channels_last: bool = True,
+    precision: str = "strict",
+    compile: bool = False,
 ) -> Prediction:
-    """Run the test-split model on every view of ``video`` (decoded once)."""
+    """Run the test-split model on every view of ``video`` (decoded once).
+
+    ``precision`` / ``compile``: see :func:`.inference.prepare_for_inference`."""
     if model is None:
         if weights is None:
             raise ValueError("predict_video() needs weights (a converted .pt file) or a model")
         model = load_model(weights, split="test", overrides=overrides)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    prepare_for_inference(model, device, channels_last=channels_last)
+    model = prepare_for_inference(model, device, precision, compile, channels_last=channels_last)
     protocol = TestProtocol.from_cfg(model.cfg)
     batch_size = batch_size or max(1, model.cfg.TEST.BATCH_SIZE // max(1, model.cfg.NUM_GPUS))
     clip = load_test_video(video, protocol, backend)

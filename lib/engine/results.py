@@ -82,6 +82,7 @@ RESUME_KEYS = (
     "cfg",
     "views_per_video",
     "backend",
+    "precision",  # a resumed run continues in the same precision mode
     "channels_last",
 )
 STR = h5py.string_dtype()

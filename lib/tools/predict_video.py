@@ -15,6 +15,7 @@ from ..core.config import ConfigError
 from ..core.weights_file import WeightsFileError
 from ..datasets.class_names import read_class_names
 from ..datasets.decoders import BACKENDS, VideoDecodeError
+from ..engine.inference import add_precision_arguments
 from ..engine.predict import predict_video
 from ..utils.io import atomic_write
 from ..utils.log import add_logging_arguments, setup_logging
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the default memory format (channels_last_3d is faster)",
     )
+    add_precision_arguments(parser)
     add_logging_arguments(parser)
     parser.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides")
     return parser
@@ -71,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             topk=args.topk,
             features=args.features is not None,
             channels_last=not args.no_channels_last,
+            precision=args.precision,
+            compile=args.compile,
         )
         names = None
         if args.labels:

@@ -20,6 +20,7 @@ from ..core.config import ConfigError
 from ..core.weights_file import WeightsFileError
 from ..datasets.decoders import BACKENDS
 from ..engine.evaluator import evaluate
+from ..engine.inference import add_precision_arguments
 from ..engine.metrics import format_report
 from ..engine.results import ResultsError
 from ..utils.log import add_logging_arguments, setup_logging
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the default memory format (channels_last_3d is faster; results differ only "
         "by float32 rounding)",
     )
+    add_precision_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_logging_arguments(parser)
     parser.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides")
@@ -125,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
             allow_tf32=args.allow_tf32,
             channels_last=not args.no_channels_last,
+            precision=args.precision,
+            compile=args.compile,
         )
     except (WeightsFileError, ResultsError, ConfigError, FileNotFoundError, ValueError) as e:
         logger.error("%s", e)

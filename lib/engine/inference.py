@@ -1,0 +1,205 @@
+"""Precision modes for inference: :func:`prepare_for_inference` returns the model to run.
+
+``strict`` (the default) is the original's arithmetic layer for layer in float32: the model in
+eval mode on its device, no folding (what parity and ``vnl-verify`` prove). The other modes are
+the fast path (see ``docs/performance.md``):
+
+=========  =====================================================================================
+``fp32``   BN/affine folded into the convs, SDPA non-local, channels_last_3d; on the CPU every
+           conv routed to oneDNN or a GEMM (:func:`~nonlocal_net.models.fuse.route_cpu_convs`).
+           Within 1e-5 relative of ``strict`` (float32 rounding only).
+``tf32``   ``fp32`` with TF32 tensor-core matmuls/convs (CUDA only).
+``bf16``   ``fp32``'s rewrites with weights cast once to bfloat16, conv1 padded to 8 input
+           channels (tensor-core friendly), the classifier in float32. CUDA, or a CPU with
+           bfloat16 units (avx512_bf16 / amx_bf16).
+``fp16``   as ``bf16`` in float16 (CUDA only).
+=========  =====================================================================================
+
+``compile=True`` (fast path only) also runs the backbone through ``torch.compile`` with
+inductor's weight freezing; compilation happens on the first batch (see :func:`warm_up`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from ..models import fuse
+
+__all__ = [
+    "PRECISIONS",
+    "PrecisionError",
+    "add_precision_arguments",
+    "cpu_bf16_supported",
+    "prepare_for_inference",
+    "resolve_device",
+    "warm_up",
+]
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("strict", "fp32", "tf32", "bf16", "fp16")
+FAST_DTYPES = {
+    "fp32": torch.float32,
+    "tf32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+class PrecisionError(ValueError):
+    """A precision mode this device cannot run (or an unknown one)."""
+
+
+@lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU has bfloat16 arithmetic units (avx512_bf16 or AMX).
+
+    Without them every bfloat16 conv falls back to ``slow_conv3d_forward`` and runs more than
+    ten times slower than float32, so ``bf16`` is refused there.
+    """
+    if any(flag in _cpu_flags() for flag in CPU_BF16_FLAGS):
+        return True
+    capability = torch.backends.cpu.get_cpu_capability()
+    return "AMX" in capability or "BF16" in capability
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device``, or CUDA when available, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def check_precision(precision: str, device: torch.device, compile: bool = False) -> None:
+    """Raise :class:`PrecisionError` when ``precision`` cannot run on ``device``."""
+    if precision not in PRECISIONS:
+        raise PrecisionError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if compile and precision == "strict":
+        raise PrecisionError(
+            "compile is part of the fast path: use it with precision fp32/tf32/bf16/fp16 "
+            "(strict keeps the original's arithmetic layer for layer)"
+        )
+    if device.type == "cuda":
+        return
+    if precision in ("tf32", "fp16"):
+        raise PrecisionError(
+            f"precision {precision} needs a CUDA GPU (device is {device}); use fp32 on the CPU"
+        )
+    if precision == "bf16" and device.type == "cpu" and not cpu_bf16_supported():
+        raise PrecisionError(
+            "precision bf16 needs a CPU with bfloat16 units (avx512_bf16 or amx_bf16) or a CUDA "
+            "GPU: this CPU would emulate it more than 10x slower than fp32; use fp32"
+        )
+
+
+def prepare_for_inference(
+    model: nn.Module,
+    device: str | torch.device | None = None,
+    precision: str = "strict",
+    compile: bool = False,
+    *,
+    channels_last: bool = True,
+    allow_tf32: bool = False,
+) -> nn.Module:
+    """Return the model to run for inference in ``precision`` on ``device``.
+
+    ``strict`` prepares ``model`` in place exactly as before (eval mode, on the device,
+    ``channels_last`` weights, ``allow_tf32`` on CUDA) and returns it. The fast modes leave
+    ``model`` untouched and return a rewritten copy (folded, cast, SDPA non-local, padded stem in
+    bf16/fp16, routed CPU convs, optionally compiled) with the same ``cfg``, ``split``,
+    ``forward_features`` and ``forward_head``; its outputs are float32 or the mode's dtype
+    (callers take ``.float()``). The returned model carries ``inference_precision``.
+    """
+    device = resolve_device(device)
+    check_precision(precision, device, compile)
+    split = getattr(model, "split", "test")
+    if split == "train":
+        raise ValueError("inference needs a val- or test-split model, got split 'train'")
+    memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+    if precision == "strict":
+        model.eval().to(device, memory_format=memory_format)
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+            torch.backends.cudnn.allow_tf32 = allow_tf32
+        model.inference_precision = precision
+        return model
+
+    dtype = FAST_DTYPES.get(precision, torch.float32)
+    fast = copy.deepcopy(model).eval().requires_grad_(False)
+    folded = fuse.fold_norms(fast)
+    sdpa = fuse.use_sdpa_nonlocal(fast)
+    reduced = dtype != torch.float32
+    if reduced:
+        fuse.pad_stem_channels(fast)
+    if device.type == "cpu" and dtype == torch.float32 and not compile:
+        fuse.route_cpu_convs(fast)  # inductor chooses its own conv kernels when compiling
+    pred = fast.pred
+    del fast.pred  # the classifier stays float32 (tiny, and its softmax is the score)
+    fast.to(device=device, dtype=dtype, memory_format=memory_format)
+    fast.pred = nn.Sequential(fuse.CastTo(torch.float32), pred.to(device=device))
+    fast.conv1 = nn.Sequential(fuse.CastTo(dtype, memory_format), fast.conv1)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+        torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    if compile:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
+        # forward() calls self.forward_features, so both entry points run compiled
+        fast.forward_features = torch.compile(fast.forward_features)
+    fast.inference_precision = precision
+    logger.info(
+        "precision %s: %d norms folded, %d non-local blocks on SDPA, %s%s%s",
+        precision,
+        folded,
+        sdpa,
+        dtype,
+        ", stem padded 3->8" if reduced else "",
+        ", compiled on the first batch" if compile else "",
+    )
+    return fast
+
+
+def warm_up(model: nn.Module, example: torch.Tensor) -> float:
+    """Run ``model`` once on ``example`` (compiling it if it is compiled); seconds taken."""
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model(example)
+    if example.device.type == "cuda":
+        torch.cuda.synchronize(example.device)
+    return time.perf_counter() - start
+
+
+def add_precision_arguments(parser) -> None:
+    """``--precision`` and ``--compile``, the same on every inference command."""
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="strict",
+        help="strict (default): the original's float32 arithmetic layer for layer; fp32: BN "
+        "folded, faster, within 1e-5 relative; tf32/fp16 (CUDA), bf16 (CUDA or a CPU with "
+        "bf16 units): reduced precision (see docs/performance.md)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the fast path (not with strict); the first batch compiles",
+    )

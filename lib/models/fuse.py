@@ -1,0 +1,232 @@
+"""Inference-only rewrites of a built :class:`~.resnet_video.ResNetVideo` (the fast path).
+
+Every function here changes *how* the network computes, never *what* it computes in exact
+arithmetic; results differ from the original's layer-by-layer arithmetic only by rounding. They
+are applied by :func:`nonlocal_net.engine.inference.prepare_for_inference` for the precision
+modes ``fp32``/``tf32``/``bf16``/``fp16``, never for ``strict`` and never by the parity or
+``vnl-verify`` paths, which keep the original's operator sequence.
+
+* :func:`fold_norms` folds every SpatialBN (running statistics, eval mode) and every frozen
+  AffineNd into the conv before it: ``bn(conv(x)) = conv'(x)`` with ``w' = w * s``,
+  ``b' = b * s + t`` for ``s = gamma / sqrt(var + eps)``, ``t = beta - mean * s`` (the fold is
+  computed in float64 and rounded once).
+* :func:`pad_stem_channels` gives conv1 zero-weighted extra input channels (3 -> 8) and pads the
+  clip with zero channels: the products added are exactly zero, and the conv becomes
+  tensor-core friendly in bf16/fp16 (cuDNN runs 3-channel 3-D convs on a generic kernel).
+* :func:`use_sdpa_nonlocal` runs the embedded-Gaussian non-local attention through
+  ``F.scaled_dot_product_attention`` (the same softmax(theta^T phi * scale) g^T); the
+  dot-product variant keeps its explicit ``/ M`` form, which SDPA does not express.
+* :func:`route_cpu_convs` replaces the Conv3d modules with :class:`RoutedConv3d`, which sends
+  every conv to oneDNN (or to a plain matrix product for unstrided 1x1x1 convs) instead of
+  letting PyTorch's size heuristic pick the unvectorised ``slow_conv3d_forward`` at small batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import AffineNd, SpatialBN
+from .nonlocal_helper import NonLocalBlock
+from .resnet_helper import ResidualBlock3d
+
+__all__ = [
+    "CastTo",
+    "PaddedStem",
+    "RoutedConv3d",
+    "SDPANonLocalBlock",
+    "fold_norms",
+    "folded_conv",
+    "pad_stem_channels",
+    "route_cpu_convs",
+    "use_sdpa_nonlocal",
+]
+
+STEM_CHANNELS = 8
+
+
+def folded_conv(conv: nn.Conv3d, norm: nn.Module) -> nn.Conv3d:
+    """A new conv computing ``norm(conv(x))`` (``norm``: eval-mode SpatialBN or AffineNd)."""
+    w = conv.weight.detach().double()
+    b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(w.shape[0]).double()
+    if isinstance(norm, SpatialBN):
+        if norm.training:
+            raise ValueError("fold_norms needs an eval-mode model (BN with running statistics)")
+        scale = norm.weight.detach().double() / torch.sqrt(
+            norm.running_var.detach().double() + norm.eps
+        )
+        shift = norm.bias.detach().double() - norm.running_mean.detach().double() * scale
+    elif isinstance(norm, AffineNd):
+        scale = norm.weight.detach().double()
+        shift = norm.bias.detach().double()
+    else:
+        raise TypeError(f"cannot fold {type(norm).__name__} into a conv")
+    fused = nn.Conv3d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=True,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
+    with torch.no_grad():
+        fused.weight.copy_(w * scale.view(-1, 1, 1, 1, 1))
+        fused.bias.copy_(b * scale + shift)
+    return fused.requires_grad_(False)
+
+
+def _fold_pair(parent: nn.Module, conv_name: str, norm_name: str) -> int:
+    conv = getattr(parent, conv_name, None)
+    norm = getattr(parent, norm_name, None)
+    if conv is None or norm is None or isinstance(norm, nn.Identity):
+        return 0
+    setattr(parent, conv_name, folded_conv(conv, norm))
+    setattr(parent, norm_name, nn.Identity())
+    return 1
+
+
+def fold_norms(model: nn.Module) -> int:
+    """Fold every BN/affine of ``model`` into its conv, in place; returns how many were folded.
+
+    Covers the stem (``conv1`` + ``res_conv1_bn``), the four conv/norm pairs of every residual
+    block, and the ``out`` conv + ``bn`` of every non-local block.
+    """
+    if model.training:
+        raise ValueError("fold_norms needs an eval-mode model (BN with running statistics)")
+    count = 0
+    if hasattr(model, "conv1") and hasattr(model, "res_conv1_bn"):
+        count += _fold_pair(model, "conv1", "res_conv1_bn")
+    for module in list(model.modules()):
+        if isinstance(module, ResidualBlock3d):
+            for conv_name in ("branch2a", "branch2b", "branch2c", "branch1"):
+                count += _fold_pair(module, conv_name, conv_name + "_bn")
+        elif isinstance(module, NonLocalBlock) and module.bn is not None:
+            count += _fold_pair(module, "out", "bn")
+            module.bn = None
+    return count
+
+
+class CastTo(nn.Module):
+    """Casts its input to ``dtype`` and ``memory_format`` (no copy when it already is)."""
+
+    def __init__(
+        self, dtype: torch.dtype, memory_format: torch.memory_format | None = None
+    ) -> None:
+        super().__init__()
+        self.dtype = dtype
+        self.memory_format = memory_format
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.dtype)
+        if self.memory_format is not None and x.dim() == 5:
+            x = x.contiguous(memory_format=self.memory_format)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{self.dtype}, {self.memory_format}"
+
+
+class PaddedStem(nn.Module):
+    """conv1 on a clip padded with zero channels, with zero weights for them (exact in math)."""
+
+    def __init__(self, conv: nn.Conv3d, channels: int = STEM_CHANNELS) -> None:
+        super().__init__()
+        if conv.groups != 1 or channels < conv.in_channels:
+            raise ValueError(f"cannot pad a {conv.in_channels}-channel conv to {channels}")
+        self.extra = channels - conv.in_channels
+        self.conv = nn.Conv3d(
+            channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            bias=conv.bias is not None,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+        ).requires_grad_(False)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[:, : conv.in_channels].copy_(conv.weight)
+            if conv.bias is not None:
+                self.conv.bias.copy_(conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # pad dims are given last-first: (W, W, H, H, T, T, C_before, C_after)
+        return self.conv(F.pad(x, (0, 0, 0, 0, 0, 0, 0, self.extra)))
+
+
+def pad_stem_channels(model: nn.Module, channels: int = STEM_CHANNELS) -> None:
+    """Replace ``model.conv1`` by a :class:`PaddedStem` of ``channels`` input channels."""
+    model.conv1 = PaddedStem(model.conv1, channels)
+
+
+class SDPANonLocalBlock(NonLocalBlock):
+    """A :class:`NonLocalBlock` whose embedded-Gaussian attention runs through
+    ``F.scaled_dot_product_attention`` (same parameters, same state_dict)."""
+
+    def _attention(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.use_softmax:
+            return super()._attention(x)
+        b, _, t, h, w = x.shape
+        c = self.dim_inner
+        query = self.theta(x).reshape(b, c, -1).transpose(1, 2)  # (B, N, C')
+        xp = self.pool(x) if self.pool is not None else x
+        key = self.phi(xp).reshape(b, c, -1).transpose(1, 2)  # (B, M, C')
+        value = self.g(xp).reshape(b, c, -1).transpose(1, 2)  # (B, M, C')
+        scale = self.scale if self.use_scale else 1.0
+        y = F.scaled_dot_product_attention(query, key, value, scale=scale)  # (B, N, C')
+        z = self.out(y.transpose(1, 2).reshape(b, c, t, h, w))
+        if self.bn is not None:
+            z = self.bn(z)
+        return z
+
+
+def use_sdpa_nonlocal(model: nn.Module) -> int:
+    """Switch every embedded-Gaussian non-local block of ``model`` to SDPA, in place."""
+    count = 0
+    for module in model.modules():
+        if type(module) is NonLocalBlock and module.use_softmax:
+            module.__class__ = SDPANonLocalBlock
+            count += 1
+    return count
+
+
+class RoutedConv3d(nn.Conv3d):
+    """A Conv3d that always takes oneDNN on the CPU (a matrix product for unstrided 1x1x1).
+
+    PyTorch's CPU dispatcher sends small-batch float32 3-D convs with kernels of at most 3x3 to
+    ``slow_conv3d_forward`` (im2col + GEMM, single-threaded copies) when the input is small; the
+    oneDNN kernels are faster for every shape of these networks. Channels-last inputs are kept
+    channels-last. Off the CPU it is a plain Conv3d.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dtype != torch.float32 or x.requires_grad:
+            return super().forward(x)
+        if (
+            self.kernel_size == (1, 1, 1)
+            and self.stride == (1, 1, 1)
+            and self.groups == 1
+            and x.is_contiguous(memory_format=torch.channels_last_3d)
+        ):
+            # (N, C, T, H, W) channels-last is (N, T, H, W, C) in memory: one GEMM
+            y = F.linear(x.permute(0, 2, 3, 4, 1), self.weight.flatten(1), self.bias)
+            return y.permute(0, 4, 1, 2, 3)
+        return torch.mkldnn_convolution(
+            x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups
+        )
+
+
+def route_cpu_convs(model: nn.Module) -> int:
+    """Turn every plain ``nn.Conv3d`` of ``model`` into a :class:`RoutedConv3d`, in place."""
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.Conv3d and module.padding_mode == "zeros":
+            module.__class__ = RoutedConv3d
+            count += 1
+    return count
