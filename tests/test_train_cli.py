@@ -60,7 +60,8 @@ def test_overfits_and_pkl_converts_and_verifies(data, tmp_path):
         base_args(
             data,
             out,
-            SOLVER__MAX_ITER=10,
+            SOLVER__MAX_ITER=16,
+            SOLVER__BASE_LR=0.003,  # batches of 3 with per-batch BN statistics: noisy at 0.01
             SOLVER__STEP_SIZES="[100]",
             SOLVER__LRS="[1]",
             TRAIN__BATCH_SIZE=3,
@@ -69,14 +70,14 @@ def test_overfits_and_pkl_converts_and_verifies(data, tmp_path):
         check=True,
     )
     log = losses_and_errors(result.stderr)
-    assert [i for i, _, _ in log] == list(range(1, 11))
+    assert [i for i, _, _ in log] == list(range(1, 17))
     first, last = log[0][1], [loss for _, loss, _ in log[-3:]]
     assert max(last) < first / 3, log
     assert all(err == 0.0 for _, _, err in log[-3:]), log  # training accuracy 100%
-    pkl = out / "checkpoints/c2_model_iter10.pkl"
+    pkl = out / "checkpoints/c2_model_iter16.pkl"
     ckpt = read_caffe2_pkl(pkl)
-    assert ckpt.wrapped and ckpt.protocol == 2 and ckpt.model_iter == 10
-    assert ckpt.lr == pytest.approx(0.01)
+    assert ckpt.wrapped and ckpt.protocol == 2 and ckpt.model_iter == 16
+    assert ckpt.lr == pytest.approx(0.003)
     assert len(ckpt.blobs) == 327 and len(ckpt.momentum_info) == 211  # R50 + 5 non-local
     cfg = overrides(TRAIN__BATCH_SIZE=3)
     conv = tmp_path / "conv.pt"
@@ -95,7 +96,7 @@ def test_overfits_and_pkl_converts_and_verifies(data, tmp_path):
     )
     assert verify.returncode == 0 and "PASS" in verify.stdout, verify.stdout + verify.stderr
     # the .pt is what nl.load_model reads, with the same weights
-    model = nl.load_model(out / "checkpoints/model_iter10.pt", split="val")
+    model = nl.load_model(out / "checkpoints/model_iter16.pt", split="val")
     converted = nl.load_model(conv, split="val")
     for key, value in model.state_dict().items():
         assert torch.equal(value, converted.state_dict()[key]), key
