@@ -481,7 +481,7 @@ class SafeUnpickler:
     def _op_dup(self) -> None:
         self.stack.append(self._top())
 
-    def _push(value: Any) -> Any:  # noqa: N805 - builds a handler pushing a constant
+    def _push(value: Any) -> Any:
         def handler(self: SafeUnpickler) -> None:
             self.stack.append(value)
 
@@ -529,7 +529,7 @@ class SafeUnpickler:
     def _op_string(self) -> None:  # STRING: Python 2 repr of a str
         self.stack.append(self._string(self._readline()))
 
-    def _sized(fmt: str, *, short: bool = False, mutable: bool = False) -> Any:  # noqa: N805
+    def _sized(fmt: str, *, short: bool = False, mutable: bool = False) -> Any:
         """A handler for a length-prefixed byte string (``fmt``: the length's struct format)."""
         width = struct.calcsize(fmt)
 
@@ -549,7 +549,7 @@ class SafeUnpickler:
     def _op_unicode(self) -> None:  # UNICODE (text)
         self.stack.append(self._readline().decode("raw-unicode-escape"))
 
-    def _unicode_op(fmt: str) -> Any:  # noqa: N805
+    def _unicode_op(fmt: str) -> Any:
         width = struct.calcsize(fmt)
 
         def handler(self: SafeUnpickler) -> None:
