@@ -18,15 +18,24 @@ Both functions also read the same content written as ``.safetensors``
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from yacs.config import CfgNode
 
-from ..core.config import ConfigError, _merge_mapping, assert_and_infer_cfg, get_default_cfg
+from ..core.config import (
+    ConfigError,
+    _merge_mapping,
+    assert_and_infer_cfg,
+    check_structure,
+    get_default_cfg,
+    validate_model_cfg,
+)
 from ..core.config import cfg_from_list as _cfg_from_list
 from ..utils.io import atomic_write
+from ..utils.log import terminal_safe
 from .model_builder import build_model
 from .resnet_video import ResNetVideo
 
@@ -61,7 +70,13 @@ def cfg_to_dict(cfg: CfgNode) -> dict[str, Any]:
 
 
 def cfg_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> CfgNode:
-    """Rebuild a frozen config from :func:`cfg_to_dict` output; unknown keys are errors."""
+    """Rebuild a frozen config from :func:`cfg_to_dict` output; unknown keys are errors.
+
+    The structure is bounded first (:func:`check_structure`: shared parts counted at every use,
+    depth), so a stored config cannot make any later copy or dump grow without bound."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: the stored config is a {type(data).__name__}, not a dict")
+    check_structure(data, source)
     data = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
     solver = data.get("SOLVER")
     if isinstance(solver, dict):
@@ -98,6 +113,27 @@ def _describe_non_torch_file(path: str) -> str:
     return ""
 
 
+_GLOBAL = re.compile(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) ([\w.<>]+)", re.I)
+
+
+def _refused_global(message: str) -> str | None:
+    """The global named in ``torch.load(weights_only=True)``'s refusal, if it is one."""
+    if "Weights only load failed" not in message and "WeightsUnpickler" not in message:
+        return None
+    match = _GLOBAL.search(message)
+    if match:
+        return f"the global {terminal_safe(match.group(1))}"
+    lines = [ln.strip() for ln in message.splitlines()[1:] if ln.strip()]
+    lines = [ln for ln in lines if "weights_only" not in ln and "documentation" not in ln]
+    return terminal_safe(lines[0][:300]) if lines else "something torch refuses to load"
+
+
+def _first_safe_line(message: str) -> str:
+    """The first line of a torch error, never its advice to load with ``weights_only=False``."""
+    lines = [ln for ln in message.splitlines() if ln.strip() and "weights_only" not in ln]
+    return terminal_safe(lines[0][:300]) if lines else ""
+
+
 def _is_safetensors(path: str) -> bool:
     """A ``.safetensors`` name, or a file that starts as one: 8-byte little-endian header length,
     then the JSON header's ``{`` (a ``torch.save`` file starts with ``PK``)."""
@@ -127,10 +163,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
     except Exception as e:  # torch raises many exception types for a bad file
+        refused = _refused_global(str(e))
+        if refused is not None:
+            raise CheckpointError(
+                f"{path}: refused to load: the file references {refused}, which a converted "
+                f"checkpoint never contains; nothing from it was executed"
+            ) from None
         hint = _describe_non_torch_file(path) if os.path.isfile(path) else ""
         raise CheckpointError(
             f"{path}: not a converted nonlocal_net checkpoint ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}).{hint}"
+            f"{_first_safe_line(str(e))}).{hint}"
         ) from e
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
@@ -139,6 +181,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         if not isinstance(data.get(key), kind):
             raise CheckpointError(f"{path}: missing or malformed {key!r} entry")
     return data
+
+
+def _check_state_dict(path: str, state: Mapping) -> None:
+    for name, value in state.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(
+                f"{path}: state_dict entry {terminal_safe(name)!s} is a {type(value).__name__}, "
+                f"not a tensor"
+            )
 
 
 def load_model(
@@ -163,8 +214,10 @@ def load_model(
             _cfg_from_list(cfg, list(overrides))
             assert_and_infer_cfg(cfg)
             cfg.freeze()
+        validate_model_cfg(cfg, f"{path} [cfg]")
     except ConfigError as e:
         raise CheckpointError(str(e)) from e
+    _check_state_dict(path, data["state_dict"])
     model = build_model(cfg, split=split)
     state = data["state_dict"]
     expected = model.state_dict()

@@ -14,6 +14,7 @@ from ..core.config import (
     cfg_from_file,
     cfg_from_list,
     get_default_cfg,
+    validate_model_cfg,
 )
 from . import resnet_video, resnet_video_org
 from .resnet_video import SPLITS, ResNetVideo
@@ -72,7 +73,11 @@ def build_model(cfg: CfgLike, split: str = "test", overrides: Sequence[str] = ()
     name = cfg.MODEL.MODEL_NAME
     if name not in MODEL_CREATORS:
         raise ConfigError(f"MODEL.MODEL_NAME must be one of {sorted(MODEL_CREATORS)}, got {name!r}")
-    model = MODEL_CREATORS[name](cfg, split)
+    validate_model_cfg(cfg)
+    try:
+        model = MODEL_CREATORS[name](cfg, split)
+    except ValueError as e:  # a combination of keys the original's builder asserts against
+        raise ConfigError(f"config: {e}") from e
     model.train(split == "train")
     model.cfg = cfg
     return model
