@@ -11,13 +11,24 @@ from typing import Any
 from yacs.config import CfgNode
 
 from .. import __version__
-from ..models.checkpoint import save_checkpoint
+from ..models.checkpoint import is_converted_file, save_checkpoint
 from ..models.model_builder import get_cfg
+from ..utils.io import check_destination, remove_stale_temporaries
+from ..utils.lock import output_lock
+from ..utils.log import terminal_safe
+from ..utils.numeric import check_finite
 from .convert import ConversionReport, convert_blobs
+from .errors import ConversionError
 from .reader import Caffe2Checkpoint, read_caffe2_pkl
 from .safetensors_io import save_safetensors_checkpoint
 
-__all__ = ["CONVERTER_VERSION", "convert_checkpoint", "converter_version", "sha256_file"]
+__all__ = [
+    "CONVERTER_VERSION",
+    "check_blobs_finite",
+    "convert_checkpoint",
+    "converter_version",
+    "sha256_file",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +75,8 @@ def convert_checkpoint(
     finetune: bool = False,
     fold_bn: bool | None = None,
     safetensors: bool | None = None,
+    allow_nonfinite: bool = False,
+    overwrite: bool = False,
 ) -> ConversionReport:
     """Convert the Caffe2 checkpoint ``src_pkl`` for the model ``cfg`` (a config, zoo name or
     YAML path, with ``KEY VALUE`` ``overrides``) and write it to ``dst``.
@@ -74,11 +87,50 @@ def convert_checkpoint(
     SHA-256, counts of mapped / ignored / folded / inflated blobs, converter version). See
     :func:`convert_blobs` for ``inflate``, ``finetune`` and ``fold_bn``. Writing is atomic;
     nothing is written when the conversion fails. Momentum payloads are never read.
+
+    Refused (nothing written): ``dst`` the same file as ``src_pkl`` or the config file;
+    ``dst`` an existing file that is not a converted checkpoint, unless ``overwrite``; blobs
+    with NaN/Inf values or negative BN variances, unless ``allow_nonfinite`` (then each is
+    logged as a warning). ``dst`` is locked while it is written.
     """
-    cfg = get_cfg(cfg, overrides)
     src = os.fspath(src_pkl)
+    check_destination(
+        dst,
+        [src, cfg if isinstance(cfg, (str, os.PathLike)) and os.path.exists(cfg) else None],
+        what="converted checkpoint",
+        is_own_output=is_converted_file,
+        replace_foreign=overwrite,
+    )
+    cfg = get_cfg(cfg, overrides)
+    with output_lock(dst):
+        return _convert_locked(
+            src, dst, cfg, inflate, finetune, fold_bn, safetensors, allow_nonfinite
+        )
+
+
+def check_blobs_finite(ckpt: Caffe2Checkpoint, allow: bool) -> None:
+    """Refuse (``ConversionError``) or, with ``allow``, warn about blobs holding NaN/Inf values
+    or negative BN variances (``*_riv``), one line per blob, names printed terminal-safe."""
+    problems = check_finite(ckpt.blobs.items(), negative_ok=lambda n: not n.endswith("_riv"))
+    if not problems:
+        return
+    shown = [terminal_safe(p) for p in problems]
+    if allow:
+        for line in shown:
+            logger.warning("%s: %s (written anyway: --allow-nonfinite)", ckpt.path, line)
+        return
+    listed = "; ".join(shown[:5]) + (f"; ... ({len(shown)} blobs in all)" if len(shown) > 5 else "")
+    raise ConversionError(
+        f"{ckpt.path}: {len(shown)} blobs hold non-finite values or negative variances "
+        f"({listed}); pass --allow-nonfinite to write them anyway"
+    )
+
+
+def _convert_locked(src, dst, cfg, inflate, finetune, fold_bn, safetensors, allow_nonfinite):
+    remove_stale_temporaries(dst)  # left by a conversion killed with SIGKILL
     ckpt = read_caffe2_pkl(src, load_momentum=False)
     logger.info("%s: %s", src, ckpt.describe())
+    check_blobs_finite(ckpt, allow_nonfinite)
     result = convert_blobs(
         ckpt.entries(), cfg, inflate=inflate, finetune=finetune, fold_bn=fold_bn, source=src
     )

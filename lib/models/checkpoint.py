@@ -44,6 +44,7 @@ __all__ = [
     "CheckpointError",
     "cfg_from_dict",
     "cfg_to_dict",
+    "is_converted_file",
     "load_checkpoint",
     "load_model",
     "save_checkpoint",
@@ -103,6 +104,30 @@ def save_checkpoint(
     }
     with atomic_write(path) as f:
         torch.save(payload, f)
+
+
+def is_converted_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` looks like a converted checkpoint of this package (a ``torch.save`` zip
+    whose pickle names the format, or a ``.safetensors`` file with the format in its header),
+    checked without loading it: what a converter may replace without ``--overwrite``."""
+    import zipfile
+
+    path = os.fspath(path)
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                names = [n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+                if not names or z.getinfo(names[0]).file_size > 1 << 24:
+                    return False
+                return FORMAT.encode() in z.read(names[0])
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return False
+            n = int.from_bytes(head, "little")
+            return 0 < n < 1 << 24 and FORMAT.encode() in f.read(n)
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
 
 
 def _describe_non_torch_file(path: str) -> str:
