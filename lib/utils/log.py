@@ -59,7 +59,7 @@ INPUT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def terminal_safe(text: object, limit: int = 2000) -> str:
+def terminal_safe(text: object, limit: int = 50_000) -> str:
     """``text`` with control characters (escape sequences, newlines, ...) shown escaped, so a
     name read from a file cannot move the cursor, recolour or fake lines; long texts cut."""
     s = str(text)
@@ -74,7 +74,7 @@ class _SafeFormatter(logging.Formatter):
         text = super().format(record)
         # keep the traceback's own newlines (debugging), escape everything in the message
         head, sep, tail = text.partition("\nTraceback")
-        return terminal_safe(head, limit=10_000) + (sep + tail if sep else "")
+        return terminal_safe(head) + (sep + tail if sep else "")
 
 
 def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
