@@ -294,8 +294,8 @@ def test_malformed_stored_configs_are_refused_before_building(small_pt, eval_vid
     huge = json.loads(json.dumps(good))
     huge["MODEL"]["NUM_CLASSES"] = 10**9
     cases = {
-        "list.pt": ([1, 2], "not a dict"),
-        "str.pt": ("MODEL", "not a dict"),
+        "list.pt": ([1, 2], "'cfg'"),
+        "str.pt": ("MODEL", "'cfg'"),
         "bomb.pt": ({**good, "SOLVER": {**good["SOLVER"], "LRS": shared}}, "more than"),
         "deep.pt": (deep, "levels deep"),
         "huge.pt": (huge, "MODEL.NUM_CLASSES"),
@@ -304,7 +304,9 @@ def test_malformed_stored_configs_are_refused_before_building(small_pt, eval_vid
         path = _stored(tmp_path, name, value, small_pt)
         before = digest(path)
         start = time.perf_counter()
-        done = run_tool(TEST, ["--weights", path, "--list", eval_videos.list_file, "--workers", "0"])
+        done = run_tool(
+            TEST, ["--weights", path, "--list", eval_videos.list_file, "--workers", "0"]
+        )
         assert_refused(done, name, needle, prog="vnl-test")
         assert time.perf_counter() - start < 60 and digest(path) == before
 
