@@ -253,7 +253,7 @@ def test_pickle_memo_bomb_is_linear(tmp_path):
     path = tmp_path / "bomb.pkl"
     path.write_bytes(_memo_bomb())
     assert path.stat().st_size < 1000
-    outcome, seconds, peak = _bounded(lambda: read_caffe2_pkl(path))
+    _, seconds, peak = _bounded(lambda: read_caffe2_pkl(path))
     assert seconds < 1 and peak < 200, (seconds, peak)
     done = run_tool(CONVERT, [path, tmp_path / "out.pt", *SMALL_ARGS])
     assert done.returncode == EXIT_ERROR and "Traceback" not in done.stderr
@@ -335,13 +335,16 @@ def test_invalid_numeric_options_are_refused(small_pt, eval_videos):
         assert done.returncode == 2 and extra[0] in done.stderr
 
 
+def one_video_args(weights, videos) -> list:
+    return ["--weights", weights, "--list", videos.list_file, "--workers", "0", "--limit", "1"]
+
+
 def test_unwritable_output_folder_is_one_line(small_pt, eval_videos, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     done = run_tool(
         TEST,
-        ["--weights", small_pt, "--list", eval_videos.list_file, "--workers", "0"]
-        + ["--limit", "1", "--report", blocker / "r.json", "--no-progress"],
+        [*one_video_args(small_pt, eval_videos), "--report", blocker / "r.json"],
     )
     assert_refused(done, str(blocker), prog="vnl-test")
 
@@ -353,8 +356,7 @@ def test_read_only_output_folder_is_one_line(small_pt, eval_videos, tmp_path):
     folder.chmod(0o555)
     done = run_tool(
         TEST,
-        ["--weights", small_pt, "--list", eval_videos.list_file, "--workers", "0"]
-        + ["--limit", "1", "--results", folder / "r.h5", "--no-progress"],
+        [*one_video_args(small_pt, eval_videos), "--results", folder / "r.h5"],
     )
     assert_refused(done, "ro", prog="vnl-test")
 
