@@ -378,3 +378,24 @@ def test_atomic_write_cleans_up_on_error(tmp_path):
         f.write("x")
         raise RuntimeError("boom")
     assert not list(tmp_path.iterdir())
+
+
+def test_demo_reports_a_bad_output_folder_in_one_line(tmp_path, capsys):
+    from nonlocal_net.tools import demo
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert demo.main(["--output", str(blocker)]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.count("vnl-demo: error:") == 1 and str(blocker) in err and "Traceback" not in err
+    assert blocker.read_text() == "x"
+
+
+def test_eval_options_are_validated():
+    from nonlocal_net.engine import EvalOptions, evaluate
+
+    for bad in ({"batch_size": 0}, {"workers": -1}, {"flush_every": 0}, {"limit": -2}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            evaluate("unused.txt", options=EvalOptions(), **bad)
+    with pytest.raises(TypeError):
+        evaluate("unused.txt", no_such_option=1)
