@@ -399,3 +399,22 @@ def test_eval_options_are_validated():
             evaluate("unused.txt", options=EvalOptions(), **bad)
     with pytest.raises(TypeError):
         evaluate("unused.txt", no_such_option=1)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo never",))
+
+
+def test_hostile_pt_refusal_names_the_global_and_gives_no_unsafe_advice(tmp_path):
+    from nonlocal_net.models.checkpoint import CheckpointError, load_model
+
+    path = tmp_path / "hostile.pt"
+    torch.save({"format": "nonlocal_net/v1", "state_dict": {}, "x": _Payload()}, path)
+    before = digest(path)
+    with pytest.raises(CheckpointError) as info:
+        load_model(path)
+    message = str(info.value)
+    assert "system" in message and str(path) in message
+    assert "weights_only" not in message and "False" not in message
+    assert digest(path) == before

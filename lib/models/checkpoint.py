@@ -155,7 +155,8 @@ def _refused_global(message: str) -> str | None:
 
 def _first_safe_line(message: str) -> str:
     """The first line of a torch error, never its advice to load with ``weights_only=False``."""
-    lines = [ln for ln in message.splitlines() if ln.strip() and "weights_only" not in ln]
+    advice = ("weights_only", "Weights only", "trust", "documentation")
+    lines = [ln for ln in message.splitlines() if ln.strip() and not any(a in ln for a in advice)]
     return terminal_safe(lines[0][:300]) if lines else ""
 
 
@@ -188,17 +189,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
     except Exception as e:  # torch raises many exception types for a bad file
+        hint = _describe_non_torch_file(path) if os.path.isfile(path) else ""
         refused = _refused_global(str(e))
-        if refused is not None:
+        if refused is not None and not hint:
             raise CheckpointError(
                 f"{path}: refused to load: the file references {refused}, which a converted "
                 f"checkpoint never contains; nothing from it was executed"
             ) from None
-        hint = _describe_non_torch_file(path) if os.path.isfile(path) else ""
+        detail = f"it references {refused}" if refused else _first_safe_line(str(e))
         raise CheckpointError(
-            f"{path}: not a converted nonlocal_net checkpoint ({type(e).__name__}: "
-            f"{_first_safe_line(str(e))}).{hint}"
-        ) from e
+            f"{path}: not a converted nonlocal_net checkpoint ({type(e).__name__}: {detail}).{hint}"
+        ) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise CheckpointError(f"{path}: expected a {FORMAT!r} checkpoint, found {found!r}")

@@ -59,6 +59,7 @@ def _is_stale(path: str, holder: dict | None) -> bool:
 
 
 def _acquire(path: str, what: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)  # as atomic_write does for the output
     for _ in range(3):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
