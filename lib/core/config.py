@@ -471,10 +471,13 @@ def validate_model_cfg(cfg: CfgNode, source: str = "config") -> None:
     for key, allowed in _RANGES:
         value = _get(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
-            shown = (
-                f"{allowed.start}..{allowed.stop - 1}" if isinstance(allowed, range) else allowed
-            )
-            raise ConfigError(f"{source}: {key} must be in {shown}, got {value!r}")
+            if key == "MODEL.VIDEO_ARC_CHOICE":
+                rule = "must be 1 (C2D R50), 2 (I3D R50), 3 (C2D R101) or 4 (I3D R101);"
+            elif isinstance(allowed, range):
+                rule = f"must be in {allowed.start}..{allowed.stop - 1},"
+            else:
+                rule = f"must be one of {sorted(allowed)},"
+            raise ConfigError(f"{source}: {key} {rule} got {value!r}")
     params = estimated_parameters(cfg)
     if params > MAX_MODEL_PARAMETERS:
         raise ConfigError(
