@@ -20,10 +20,19 @@ import sys
 from nonlocal_net.core.config import ConfigError, get_cfg
 from nonlocal_net.core.weights_file import WeightsFileError
 from nonlocal_net.core.zoo import UnknownModelError
-from nonlocal_net.utils.log import add_logging_arguments, run_reporting_errors, setup_logging
+from nonlocal_net.utils.cli import finite_float, nonnegative_int
+from nonlocal_net.utils.io import check_destination
+from nonlocal_net.utils.lock import output_lock
+from nonlocal_net.utils.log import (
+    EXIT_OK,
+    add_logging_arguments,
+    run_reporting_errors,
+    setup_logging,
+    terminal_safe,
+)
 
 from .convert import convert_blobs
-from .convert_file import convert_checkpoint
+from .convert_file import check_blobs_finite, convert_checkpoint
 from .errors import Caffe2FormatError, ConversionError
 from .export import export_caffe2
 from .finetune import write_finetune_file
@@ -57,6 +66,9 @@ momentum, lr and model_iter are reported, not loaded. A BN checkpoint loaded int
 MODEL.USE_AFFINE model is folded as the original's convert_to_finetune.py folds it.
 Initialising for training: --inflate (2-D ImageNet weights) and --finetune keep the model's own
 initial classifier when the class count differs and its non-local blocks when the file has none.
+DST is never an input (same file through links too) and is locked while written; blobs with
+NaN/Inf or negative variances are refused unless --allow-nonfinite.
+Exit status: 0 done, 2 error (one line 'vnl-convert: error: ...'), 130/143 interrupted.
 """
 
 
@@ -103,6 +115,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="refuse to fold BN statistics into a MODEL.USE_AFFINE model (default: fold)",
     )
     parser.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="write blobs holding NaN/Inf or negative BN variances (default: refuse, listing "
+        "each such blob)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace DST even when it is not a file this command wrote (never an input)",
+    )
+    parser.add_argument(
         "--safetensors",
         action="store_true",
         help="write DST as .safetensors (implied by a .safetensors suffix)",
@@ -114,9 +137,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="write the flat dict of the original's conversion scripts instead of {'blobs': ...}",
     )
-    export.add_argument("--lr", type=float, default=None, help="the file's lr entry")
+    export.add_argument("--lr", type=finite_float, default=None, help="the file's lr entry")
     export.add_argument(
-        "--model-iter", type=int, default=None, help="write a model_iter entry (omitted by default)"
+        "--model-iter",
+        type=nonnegative_int,
+        default=None,
+        help="write a model_iter entry (omitted by default)",
     )
     ft = parser.add_argument_group(
         "fine-tuning files (Caffe2 -> Caffe2, flat dict, protocol 0, as the original's scripts)"
@@ -170,43 +196,77 @@ def _split_positionals(parser: argparse.ArgumentParser, args: argparse.Namespace
         parser.error(f"overrides must be KEY VALUE pairs, got {len(rest)} items: {rest}")
 
 
+def _safe_lines(text: str) -> str:
+    return "\n".join(terminal_safe(line) for line in text.splitlines())
+
+
 def _run(args: argparse.Namespace) -> int:
-    if args.ft_mode:
-        out = write_finetune_file(args.src, args.dst, args.ft_mode)
-        print(f"{args.src} -> {args.dst}: {len(out)} entries ({args.ft_mode}, flat, protocol 0)")
-        return 0
-    if args.to_caffe2:
-        result = export_caffe2(
-            args.src,
+    if args.ft_mode or args.to_caffe2:
+        check_destination(
             args.dst,
-            protocol=args.protocol,
-            wrapped=not args.flat,
-            lr=args.lr,
-            model_iter=args.model_iter,
+            [args.src],
+            what="Caffe2 checkpoint",
+            is_own_output=_is_pickle,
+            replace_foreign=args.overwrite,
         )
-        print(
-            f"{args.src} -> {result.path}: {len(result.blobs)} blobs, lr {result.lr:.6g}, "
-            f"pickle protocol {result.protocol}, {'wrapped' if result.wrapped else 'flat'}"
-        )
-        return 0
+        with output_lock(args.dst):
+            return _write_finetune(args) if args.ft_mode else _export(args)
     cfg = get_cfg(args.model or args.cfg, args.overrides)
     options = dict(
         inflate=args.inflate, finetune=args.finetune, fold_bn=False if args.no_fold_bn else None
     )
     if args.dry_run:
         ckpt = read_caffe2_pkl(args.src, load_momentum=False)
-        print(f"{args.src}: {ckpt.describe()}")
+        print(_safe_lines(f"{args.src}: {ckpt.describe()}"))
+        check_blobs_finite(ckpt, allow=True)
         result = convert_blobs(ckpt.entries(), cfg, source=args.src, **options)
-        print(result.report.format_table())
-        print(result.report.summary())
+        print(_safe_lines(result.report.format_table()))
+        print(_safe_lines(result.report.summary()))
         print("dry run: nothing written")
-        return 0
+        return EXIT_OK
     report = convert_checkpoint(
-        args.src, args.dst, cfg, safetensors=args.safetensors or None, **options
+        args.src,
+        args.dst,
+        cfg,
+        safetensors=args.safetensors or None,
+        allow_nonfinite=args.allow_nonfinite,
+        overwrite=args.overwrite,
+        **options,
     )
-    print(report.summary())
-    print(f"wrote {args.dst}")
-    return 0
+    print(_safe_lines(report.summary()))
+    print(_safe_lines(f"wrote {args.dst}"))
+    return EXIT_OK
+
+
+def _is_pickle(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(1) in (b"\x80", b"(", b"}")
+
+
+def _write_finetune(args: argparse.Namespace) -> int:
+    out = write_finetune_file(args.src, args.dst, args.ft_mode)
+    print(
+        _safe_lines(
+            f"{args.src} -> {args.dst}: {len(out)} entries ({args.ft_mode}, flat, protocol 0)"
+        )
+    )
+    return EXIT_OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    result = export_caffe2(
+        args.src,
+        args.dst,
+        protocol=args.protocol,
+        wrapped=not args.flat,
+        lr=args.lr,
+        model_iter=args.model_iter,
+    )
+    print(
+        f"{args.src} -> {result.path}: {len(result.blobs)} blobs, lr {result.lr:.6g}, "
+        f"pickle protocol {result.protocol}, {'wrapped' if result.wrapped else 'flat'}"
+    )
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -483,9 +483,11 @@ def _missing_headline(
 ) -> str | None:
     """A specific first line (and hints) for the common ways a file lacks model tensors."""
     missing_keys = [m.split(" <- ")[0] for m in problems.missing]
-    has_stats = any(r.blob.endswith(("_bn_rm", "_bn_riv")) for r in rows.values())
+    file_blobs = {r.blob for r in rows.values()}
+    has_stats = any(b.endswith(("_bn_rm", "_bn_riv")) for b in file_blobs)
+    has_scales = any(b.endswith("_bn_s") for b in file_blobs)
     stats_missing = [k for k in missing_keys if k.endswith(("running_mean", "running_var"))]
-    if stats_missing and not has_stats:
+    if stats_missing and not has_stats and has_scales:
         return (
             f"{where}: is an affine (BN-folded) file: it has _bn_s/_bn_b but no BN running "
             f"statistics (_bn_rm/_bn_riv), and the model ({model_desc}) uses BN, so "
@@ -498,7 +500,8 @@ def _missing_headline(
             "(NONLOCAL.CONV3_NONLOCAL / CONV4_NONLOCAL), or pass finetune=True (--finetune) "
             "to initialise them as for training"
         )
-    if any(k.startswith("pred.") for k in missing_keys) and not init_mode:
+    has_pred = bool(file_blobs & {"pred_w", "pred_b"})
+    if any(k.startswith("pred.") for k in missing_keys) and not init_mode and not has_pred:
         problems.hints.append(
             "the file has no classifier (pred_w/pred_b), as the original's affine and "
             "fine-tuning files: pass finetune=True (--finetune) to keep the model's initial one"

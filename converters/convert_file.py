@@ -14,15 +14,21 @@ import torch
 from yacs.config import CfgNode
 
 from nonlocal_net.core.config import get_cfg
-from nonlocal_net.core.weights_file import save_weights_file, weights_payload
+from nonlocal_net.core.weights_file import is_converted_file, save_weights_file, weights_payload
+from nonlocal_net.utils.io import check_destination, remove_stale_temporaries
+from nonlocal_net.utils.lock import output_lock
+from nonlocal_net.utils.log import terminal_safe
+from nonlocal_net.utils.numeric import check_finite
 from nonlocal_net.version import __version__
 
 from .convert import ConversionReport, convert_blobs
+from .errors import ConversionError
 from .reader import Caffe2Pkl, read_caffe2_pkl
 
 __all__ = [
     "CONVERTER_VERSION",
     "ConvertedWeights",
+    "check_blobs_finite",
     "convert_caffe2_pkl",
     "convert_checkpoint",
     "converter_version",
@@ -84,15 +90,18 @@ def convert_caffe2_pkl(
     inflate: bool = False,
     finetune: bool = False,
     fold_bn: bool | None = None,
+    allow_nonfinite: bool = False,
 ) -> ConvertedWeights:
     """Read the Caffe2 checkpoint ``src_pkl`` with the safe reader and convert it totally for
     the model ``cfg`` (a config, zoo name or YAML path, with ``KEY VALUE`` ``overrides``), in
     memory. See :func:`convert_blobs` for ``inflate``, ``finetune`` and ``fold_bn``; it raises
-    what they raise. Momentum payloads are never read."""
+    what they raise. Blobs with NaN/Inf values or negative BN variances are refused
+    (:func:`check_blobs_finite`) unless ``allow_nonfinite``. Momentum payloads are never read."""
     cfg = get_cfg(cfg, overrides)
     src = os.fspath(src_pkl)
     pkl = read_caffe2_pkl(src, load_momentum=False)
     logger.info("%s: %s", src, pkl.describe())
+    check_blobs_finite(pkl, allow_nonfinite)
     result = convert_blobs(
         pkl.entries(), cfg, inflate=inflate, finetune=finetune, fold_bn=fold_bn, source=src
     )
@@ -110,6 +119,8 @@ def convert_checkpoint(
     finetune: bool = False,
     fold_bn: bool | None = None,
     safetensors: bool | None = None,
+    allow_nonfinite: bool = False,
+    overwrite: bool = False,
 ) -> ConversionReport:
     """Convert the Caffe2 checkpoint ``src_pkl`` (:func:`convert_caffe2_pkl`) and write it to
     the weights file ``dst``.
@@ -119,12 +130,51 @@ def convert_checkpoint(
     (:mod:`nonlocal_net.core.weights_file`). Both hold the state_dict, the config and the meta
     (source name and SHA-256, counts of mapped / ignored / folded / inflated blobs, converter
     version). Writing is atomic; nothing is written when the conversion fails.
+
+    Refused (nothing written): ``dst`` the same file as ``src_pkl`` or the config file;
+    ``dst`` an existing file that is not a converted checkpoint, unless ``overwrite``; blobs
+    with NaN/Inf values or negative BN variances, unless ``allow_nonfinite`` (then each is
+    logged as a warning). ``dst`` is locked while it is written.
     """
-    converted = convert_caffe2_pkl(
-        src_pkl, cfg, overrides=overrides, inflate=inflate, finetune=finetune, fold_bn=fold_bn
+    src = os.fspath(src_pkl)
+    check_destination(
+        dst,
+        [src, cfg if isinstance(cfg, (str, os.PathLike)) and os.path.exists(cfg) else None],
+        what="converted checkpoint",
+        is_own_output=is_converted_file,
+        replace_foreign=overwrite,
     )
-    save_weights_file(
-        dst, converted.state_dict, converted.cfg, converted.meta, safetensors=safetensors
-    )
+    with output_lock(dst):
+        remove_stale_temporaries(dst)  # left by a conversion killed with SIGKILL
+        converted = convert_caffe2_pkl(
+            src,
+            cfg,
+            overrides=overrides,
+            inflate=inflate,
+            finetune=finetune,
+            fold_bn=fold_bn,
+            allow_nonfinite=allow_nonfinite,
+        )
+        save_weights_file(
+            dst, converted.state_dict, converted.cfg, converted.meta, safetensors=safetensors
+        )
     logger.info("wrote %s", os.fspath(dst))
     return converted.report
+
+
+def check_blobs_finite(pkl: Caffe2Pkl, allow: bool) -> None:
+    """Refuse (``ConversionError``) or, with ``allow``, warn about blobs holding NaN/Inf values
+    or negative BN variances (``*_riv``), one line per blob, names printed terminal-safe."""
+    problems = check_finite(pkl.blobs.items(), negative_ok=lambda n: not n.endswith("_riv"))
+    if not problems:
+        return
+    shown = [terminal_safe(p) for p in problems]
+    if allow:
+        for line in shown:
+            logger.warning("%s: %s (written anyway: --allow-nonfinite)", pkl.path, line)
+        return
+    listed = "; ".join(shown[:5]) + (f"; ... ({len(shown)} blobs in all)" if len(shown) > 5 else "")
+    raise ConversionError(
+        f"{pkl.path}: {len(shown)} blobs hold non-finite values or negative variances "
+        f"({listed}); pass --allow-nonfinite to write them anyway"
+    )

@@ -16,6 +16,7 @@ file that is not a pickle at all gets an error that says what it is instead.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -139,6 +140,11 @@ def _number(path: str, name: str, value: Any, kind: type) -> Any:
         raise Caffe2FormatError(
             f"{path}: entry {name!r} must be a number, found {type(value).__name__}"
         )
+    if isinstance(value, (int, np.integer)):
+        if not -(2**63) <= int(value) < 2**63:
+            raise Caffe2FormatError(f"{path}: entry {name!r} is out of range ({name} too large)")
+    elif not math.isfinite(float(value)):
+        raise Caffe2FormatError(f"{path}: entry {name!r} must be finite, found {float(value)}")
     if kind is int and float(value) != int(value):
         raise Caffe2FormatError(f"{path}: entry {name!r} must be an integer, found {value!r}")
     return kind(value)

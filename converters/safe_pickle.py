@@ -45,6 +45,9 @@ __all__ = ["ALLOWED_GLOBALS", "PICKLE_OPCODES", "LazyArray", "LazyBytes", "SafeU
 
 # Payloads at least this long are skipped and read later into the array's memory.
 LAZY_MIN_BYTES = 1 << 16
+# Bounds on the structure (a Caffe2 checkpoint is a dict of a few thousand arrays, two deep).
+MAX_NESTING = 100
+MAX_MEMO = 1 << 20
 
 ALLOWED_GLOBALS: dict[tuple[str, str], str] = {
     ("numpy.core.multiarray", "_reconstruct"): "reconstruct",
@@ -146,10 +149,6 @@ class _ArrayStub:
 
     def __repr__(self) -> str:
         return "<array>" if self.value is None else f"<array {getattr(self.value, 'shape', '')}>"
-
-
-class _Mark:
-    __slots__ = ()
 
 
 _REFUSED_OPCODES = {
@@ -426,7 +425,7 @@ class SafeUnpickler:
 
     def _load(self) -> Any:
         f = self.f
-        st = struct.unpack
+        handlers = _HANDLERS
         while True:
             self._op_pos = f.tell()
             op = f.read(1)
@@ -437,188 +436,268 @@ class SafeUnpickler:
                     f"pickle's end (STOP opcode); the download or copy is incomplete"
                 )
             self._op_name = _OPCODE_NAMES.get(op, f"opcode {op!r}")
-            stack = self.stack
             if not self._declared and _OPCODE_PROTOCOL.get(op, 0) > self.protocol:
                 self.protocol = _OPCODE_PROTOCOL[op]
-            if op == b"\x80":  # PROTO
-                self._declared = True
-                self.protocol = self._read(1)[0]
-                if self.protocol > 5:
-                    raise self._fail(f"unsupported pickle protocol {self.protocol}")
-            elif op == b"\x95":  # FRAME
-                self._read(8)
-            elif op == b".":  # STOP
-                if len(stack) != 1 or self.metastack:
-                    raise self._fail("the stack does not hold exactly one object at STOP")
-                return self._finalize(stack.pop(), ())
-            elif op == b"(":  # MARK
-                self.metastack.append(stack)
-                self.stack = []
-            elif op == b"0":  # POP
-                if stack:
-                    stack.pop()
-                else:
-                    self._pop_mark()
-            elif op == b"1":  # POP_MARK
-                self._pop_mark()
-            elif op == b"2":  # DUP
-                stack.append(self._top())
-            elif op == b"N":
-                stack.append(None)
-            elif op == b"\x88":
-                stack.append(True)
-            elif op == b"\x89":
-                stack.append(False)
-            elif op == b"I":  # INT (text); I01/I00 are Python 2's True/False
-                line = self._readline()
-                if line == b"01":
-                    stack.append(True)
-                elif line == b"00":
-                    stack.append(False)
-                else:
-                    stack.append(self._int(line))
-            elif op == b"J":
-                stack.append(st("<i", self._read(4))[0])
-            elif op == b"K":
-                stack.append(self._read(1)[0])
-            elif op == b"M":
-                stack.append(st("<H", self._read(2))[0])
-            elif op == b"L":  # LONG (text)
-                line = self._readline()
-                stack.append(self._int(line[:-1] if line.endswith(b"L") else line))
-            elif op == b"\x8a":  # LONG1
-                n = self._read(1)[0]
-                stack.append(int.from_bytes(self._read(n), "little", signed=True))
-            elif op == b"\x8b":  # LONG4
-                n = st("<i", self._read(4))[0]
-                if n < 0 or n > 1 << 16:
-                    raise self._fail(f"LONG4 of {n} bytes")
-                stack.append(int.from_bytes(self._read(n), "little", signed=True))
-            elif op == b"F":
-                try:
-                    stack.append(float(self._readline()))
-                except ValueError as e:
-                    raise self._fail(str(e)) from None
-            elif op == b"G":
-                stack.append(st(">d", self._read(8))[0])
-            elif op == b"S":  # STRING: Python 2 repr of a str
-                stack.append(self._string(self._readline()))
-            elif op == b"T":  # BINSTRING
-                stack.append(self._read_payload(st("<i", self._read(4))[0]))
-            elif op == b"U":  # SHORT_BINSTRING
-                stack.append(self._read(self._read(1)[0]))
-            elif op == b"B":  # BINBYTES
-                stack.append(self._read_payload(st("<I", self._read(4))[0]))
-            elif op == b"C":  # SHORT_BINBYTES
-                stack.append(self._read(self._read(1)[0]))
-            elif op == b"\x8e":  # BINBYTES8
-                stack.append(self._read_payload(st("<Q", self._read(8))[0]))
-            elif op == b"\x96":  # BYTEARRAY8
-                stack.append(self._read_payload(st("<Q", self._read(8))[0], mutable=True))
-            elif op == b"V":  # UNICODE (text)
-                stack.append(self._readline().decode("raw-unicode-escape"))
-            elif op == b"X":
-                stack.append(self._unicode(st("<I", self._read(4))[0]))
-            elif op == b"\x8c":
-                stack.append(self._unicode(self._read(1)[0]))
-            elif op == b"\x8d":
-                stack.append(self._unicode(st("<Q", self._read(8))[0]))
-            elif op == b")":
-                stack.append(())
-            elif op == b"t":
-                items = self._pop_mark()
-                self.stack.append(tuple(items))
-            elif op == b"\x85":
-                stack.append((self._pop(),))
-            elif op == b"\x86":
-                b = self._pop()
-                stack.append((self._pop(), b))
-            elif op == b"\x87":
-                c = self._pop()
-                b = self._pop()
-                stack.append((self._pop(), b, c))
-            elif op == b"]":
-                stack.append([])
-            elif op == b"l":
-                items = self._pop_mark()
-                self.stack.append(items)
-            elif op == b"a":
-                value = self._pop()
-                target = self._top()
-                if not isinstance(target, list):
-                    raise self._fail(f"APPEND to a {type(target).__name__}")
-                target.append(value)
-            elif op == b"e":
-                items = self._pop_mark()
-                target = self._top()
-                if not isinstance(target, list):
-                    raise self._fail(f"APPENDS to a {type(target).__name__}")
-                target.extend(items)
-            elif op == b"}":
-                stack.append({})
-            elif op == b"d":
-                items = self._pop_mark()
-                d: dict = {}
-                self._setitems(d, items)
-                self.stack.append(d)
-            elif op == b"s":
-                value = self._pop()
-                key = self._pop()
-                self._setitems(self._top(), [key, value])
-            elif op == b"u":
-                items = self._pop_mark()
-                self._setitems(self._top(), items)
-            elif op == b"c":  # GLOBAL
-                module = self._readline().decode("utf-8", "replace")
-                name = self._readline().decode("utf-8", "replace")
-                stack.append(self._global(module, name))
-            elif op == b"\x93":  # STACK_GLOBAL
-                name = self._pop()
-                module = self._pop()
-                if not isinstance(module, str) or not isinstance(name, str):
-                    raise self._fail("STACK_GLOBAL needs two strings")
-                stack.append(self._global(module, name))
-            elif op == b"R":
-                args = self._pop()
-                func = self._pop()
-                stack.append(self._reduce(func, args))
-            elif op == b"b":
-                state = self._pop()
-                self._build(self._top(), state)
-            elif op == b"p":
-                self.memo[self._int(self._readline())] = self._top()
-            elif op == b"q":
-                self.memo[self._read(1)[0]] = self._top()
-            elif op == b"r":
-                self.memo[st("<I", self._read(4))[0]] = self._top()
-            elif op == b"\x94":  # MEMOIZE
-                self.memo[len(self.memo)] = self._top()
-            elif op == b"g":
-                stack.append(self._memo_get(self._int(self._readline())))
-            elif op == b"h":
-                stack.append(self._memo_get(self._read(1)[0]))
-            elif op == b"j":
-                stack.append(self._memo_get(st("<I", self._read(4))[0]))
-            elif op in _REFUSED_OPCODES:
-                raise self._refuse(self._describe_refused(op))
-            else:
+            handler = handlers.get(op)
+            if handler is None:
+                if op in _REFUSED_OPCODES:
+                    raise self._refuse(self._describe_refused(op))
                 raise self._fail(f"{op!r} is not a pickle opcode")
+            if op == b".":  # STOP
+                return self._stop()
+            handler(self)
 
-    def _finalize(self, value: Any, parents: tuple[int, ...]) -> Any:
-        """Replace reconstruction stubs by their results, in ``value`` and in its dict values
-        (recursively through dicts, which is where Caffe2 checkpoints keep their arrays)."""
-        if isinstance(value, _ArrayStub):
-            if value.value is None:
-                raise self._fail("a numpy array whose state was never set")
-            return value.value
-        if isinstance(value, _DTypeStub):
-            return value.dtype
-        if isinstance(value, dict):
-            if id(value) in parents:
+    # ------------------------------------------------------------------ opcode handlers
+    # One method per opcode (or family); _HANDLERS below maps opcode bytes to them.
+    def _op_proto(self) -> None:
+        self._declared = True
+        self.protocol = self._read(1)[0]
+        if self.protocol > 5:
+            raise self._fail(f"unsupported pickle protocol {self.protocol}")
+
+    def _op_frame(self) -> None:
+        self._read(8)
+
+    def _stop(self) -> Any:
+        if len(self.stack) != 1 or self.metastack:
+            raise self._fail("the stack does not hold exactly one object at STOP")
+        return self._finalize(self.stack.pop())
+
+    def _op_mark(self) -> None:
+        if len(self.metastack) >= MAX_NESTING:
+            raise self._fail(f"more than {MAX_NESTING} nested MARKs")
+        self.metastack.append(self.stack)
+        self.stack = []
+
+    def _op_pop(self) -> None:
+        if self.stack:
+            self.stack.pop()
+        else:
+            self._pop_mark()
+
+    def _op_pop_mark(self) -> None:
+        self._pop_mark()
+
+    def _op_dup(self) -> None:
+        self.stack.append(self._top())
+
+    def _push(value: Any) -> Any:
+        def handler(self: SafeUnpickler) -> None:
+            self.stack.append(value)
+
+        return handler
+
+    _op_none, _op_newtrue, _op_newfalse = _push(None), _push(True), _push(False)
+    _op_empty_tuple = _push(())
+
+    def _op_int(self) -> None:  # INT (text); I01/I00 are Python 2's True/False
+        line = self._readline()
+        self.stack.append(True if line == b"01" else False if line == b"00" else self._int(line))
+
+    def _op_binint(self) -> None:
+        self.stack.append(struct.unpack("<i", self._read(4))[0])
+
+    def _op_binint1(self) -> None:
+        self.stack.append(self._read(1)[0])
+
+    def _op_binint2(self) -> None:
+        self.stack.append(struct.unpack("<H", self._read(2))[0])
+
+    def _op_long(self) -> None:  # LONG (text)
+        line = self._readline()
+        self.stack.append(self._int(line[:-1] if line.endswith(b"L") else line))
+
+    def _op_long1(self) -> None:
+        n = self._read(1)[0]
+        self.stack.append(int.from_bytes(self._read(n), "little", signed=True))
+
+    def _op_long4(self) -> None:
+        n = struct.unpack("<i", self._read(4))[0]
+        if n < 0 or n > 1 << 16:
+            raise self._fail(f"LONG4 of {n} bytes")
+        self.stack.append(int.from_bytes(self._read(n), "little", signed=True))
+
+    def _op_float(self) -> None:
+        try:
+            self.stack.append(float(self._readline()))
+        except ValueError as e:
+            raise self._fail(str(e)) from None
+
+    def _op_binfloat(self) -> None:
+        self.stack.append(struct.unpack(">d", self._read(8))[0])
+
+    def _op_string(self) -> None:  # STRING: Python 2 repr of a str
+        self.stack.append(self._string(self._readline()))
+
+    def _sized(fmt: str, *, short: bool = False, mutable: bool = False) -> Any:
+        """A handler for a length-prefixed byte string (``fmt``: the length's struct format)."""
+        width = struct.calcsize(fmt)
+
+        def handler(self: SafeUnpickler) -> None:
+            n = struct.unpack(fmt, self._read(width))[0]
+            self.stack.append(self._read(n) if short else self._read_payload(n, mutable=mutable))
+
+        return handler
+
+    _op_binstring = _sized("<i")
+    _op_short_binstring = _sized("<B", short=True)
+    _op_binbytes = _sized("<I")
+    _op_short_binbytes = _sized("<B", short=True)
+    _op_binbytes8 = _sized("<Q")
+    _op_bytearray8 = _sized("<Q", mutable=True)
+
+    def _op_unicode(self) -> None:  # UNICODE (text)
+        self.stack.append(self._readline().decode("raw-unicode-escape"))
+
+    def _unicode_op(fmt: str) -> Any:
+        width = struct.calcsize(fmt)
+
+        def handler(self: SafeUnpickler) -> None:
+            self.stack.append(self._unicode(struct.unpack(fmt, self._read(width))[0]))
+
+        return handler
+
+    _op_binunicode = _unicode_op("<I")
+    _op_short_binunicode = _unicode_op("<B")
+    _op_binunicode8 = _unicode_op("<Q")
+
+    def _op_tuple(self) -> None:
+        items = self._pop_mark()
+        self.stack.append(tuple(items))
+
+    def _op_tuple1(self) -> None:
+        self.stack.append((self._pop(),))
+
+    def _op_tuple2(self) -> None:
+        b = self._pop()
+        self.stack.append((self._pop(), b))
+
+    def _op_tuple3(self) -> None:
+        c = self._pop()
+        b = self._pop()
+        self.stack.append((self._pop(), b, c))
+
+    def _op_empty_list(self) -> None:
+        self.stack.append([])
+
+    def _op_list(self) -> None:
+        items = self._pop_mark()
+        self.stack.append(items)
+
+    def _op_append(self) -> None:
+        value = self._pop()
+        target = self._top()
+        if not isinstance(target, list):
+            raise self._fail(f"APPEND to a {type(target).__name__}")
+        target.append(value)
+
+    def _op_appends(self) -> None:
+        items = self._pop_mark()
+        target = self._top()
+        if not isinstance(target, list):
+            raise self._fail(f"APPENDS to a {type(target).__name__}")
+        target.extend(items)
+
+    def _op_empty_dict(self) -> None:
+        self.stack.append({})
+
+    def _op_dict(self) -> None:
+        items = self._pop_mark()
+        d: dict = {}
+        self._setitems(d, items)
+        self.stack.append(d)
+
+    def _op_setitem(self) -> None:
+        value = self._pop()
+        key = self._pop()
+        self._setitems(self._top(), [key, value])
+
+    def _op_setitems(self) -> None:
+        items = self._pop_mark()
+        self._setitems(self._top(), items)
+
+    def _op_global(self) -> None:
+        module = self._readline().decode("utf-8", "replace")
+        name = self._readline().decode("utf-8", "replace")
+        self.stack.append(self._global(module, name))
+
+    def _op_stack_global(self) -> None:
+        name = self._pop()
+        module = self._pop()
+        if not isinstance(module, str) or not isinstance(name, str):
+            raise self._fail("STACK_GLOBAL needs two strings")
+        self.stack.append(self._global(module, name))
+
+    def _op_reduce(self) -> None:
+        args = self._pop()
+        func = self._pop()
+        self.stack.append(self._reduce(func, args))
+
+    def _op_build(self) -> None:
+        state = self._pop()
+        self._build(self._top(), state)
+
+    def _memo_put(self, index: int) -> None:
+        if len(self.memo) >= MAX_MEMO and index not in self.memo:
+            raise self._fail(f"more than {MAX_MEMO} memo entries")
+        self.memo[index] = self._top()
+
+    def _op_put(self) -> None:
+        self._memo_put(self._int(self._readline()))
+
+    def _op_binput(self) -> None:
+        self._memo_put(self._read(1)[0])
+
+    def _op_long_binput(self) -> None:
+        self._memo_put(struct.unpack("<I", self._read(4))[0])
+
+    def _op_memoize(self) -> None:
+        self._memo_put(len(self.memo))
+
+    def _op_get(self) -> None:
+        self.stack.append(self._memo_get(self._int(self._readline())))
+
+    def _op_binget(self) -> None:
+        self.stack.append(self._memo_get(self._read(1)[0]))
+
+    def _op_long_binget(self) -> None:
+        self.stack.append(self._memo_get(struct.unpack("<I", self._read(4))[0]))
+
+    del _push, _sized, _unicode_op
+
+    def _finalize(self, root: Any) -> Any:
+        """Replace reconstruction stubs by their results, in ``root`` and in its dict values
+        (recursively through dicts, which is where Caffe2 checkpoints keep their arrays).
+
+        Each shared dict (a memo reference) is finalised once and the result shared again, so
+        the work is linear in the pickle's size whatever its sharing; nesting deeper than
+        :data:`MAX_NESTING` and a dict that contains itself are refused."""
+        done: dict[int, Any] = {}
+        active: set[int] = set()
+
+        def visit(value: Any, depth: int) -> Any:
+            if isinstance(value, _ArrayStub):
+                if value.value is None:
+                    raise self._fail("a numpy array whose state was never set")
+                return value.value
+            if isinstance(value, _DTypeStub):
+                return value.dtype
+            if not isinstance(value, dict):
+                return value
+            key = id(value)
+            if key in done:
+                return done[key]
+            if key in active:
                 raise self._fail("a dict that contains itself")
-            inner = (*parents, id(value))
-            return {k: self._finalize(v, inner) for k, v in value.items()}
-        return value
+            if depth >= MAX_NESTING:
+                raise self._fail(f"dicts nested more than {MAX_NESTING} deep")
+            active.add(key)
+            result = {k: visit(v, depth + 1) for k, v in value.items()}
+            active.discard(key)
+            done[key] = result
+            return result
+
+        return visit(root, 0)
 
     def _describe_refused(self, op: bytes) -> str:
         name = _REFUSED_OPCODES[op]
@@ -718,3 +797,11 @@ _OPCODE_NAMES = {
     b"j": "LONG_BINGET",
     **_REFUSED_OPCODES,
 }
+
+
+_HANDLERS: dict[bytes, Any] = {
+    code: getattr(SafeUnpickler, "_op_" + name.lower())
+    for code, name in _OPCODE_NAMES.items()
+    if code not in _REFUSED_OPCODES and name != "STOP"
+}
+_HANDLERS[b"."] = SafeUnpickler._stop  # handled in _load (returns the object)

@@ -67,7 +67,7 @@ def test_convert_with_a_yaml_and_overrides(checkpoint, tmp_path, capsys, origina
     # an override that changes the architecture: a clear one-line-headed error, no traceback
     bad = tmp_path / "bad.pt"
     rc, _, err = _run([src, bad, "--cfg", yaml, "NONLOCAL.CONV4_NONLOCAL", "False"], capsys)
-    assert rc == 1 and not bad.exists()
+    assert rc == 2 and not bad.exists()
     assert _error_line(err).startswith(f"vnl-convert: error: {src}: the blobs do not fit the model")
     assert "nonlocal_conv4_1_theta_w (512, 1024, 1, 1, 1)" in err and "Traceback" not in err
 
@@ -118,7 +118,7 @@ def test_inflate_an_imagenet_file(tmp_path, capsys):
     )
     dst = tmp_path / "init.pt"
     rc, _, err = _run([src, dst, "--model", "i3d_nonlocal_8x8_IN_pretrain_400k"], capsys)
-    assert rc == 1 and "--inflate" in err
+    assert rc == 2 and "--inflate" in err
     rc, out, _ = _run(
         [src, dst, "--model", "i3d_nonlocal_8x8_IN_pretrain_400k", "--inflate"], capsys
     )
@@ -141,7 +141,7 @@ def test_bad_input_gives_a_clear_error(tmp_path, capsys, make, pattern):
     src = tmp_path / "in.pkl"
     make(src)
     rc, out, err = _run([src, tmp_path / "out.pt", "--model", NAME], capsys)
-    assert rc == 1 and out == ""
+    assert rc == 2 and out == ""
     assert _error_line(err).startswith(f"vnl-convert: error: {src}") and pattern in err
     assert "Traceback" not in err and not (tmp_path / "out.pt").exists()
 
@@ -153,7 +153,7 @@ def test_verbose_shows_the_exception(tmp_path):
 
 def test_unknown_model(tmp_path, capsys, checkpoint):
     rc, _, err = _run([checkpoint[0], tmp_path / "o.pt", "--model", "i3d_nonlocal_8x8"], capsys)
-    assert rc == 1 and "unknown model 'i3d_nonlocal_8x8'" in err and "did you mean" in err
+    assert rc == 2 and "unknown model 'i3d_nonlocal_8x8'" in err and "did you mean" in err
 
 
 @pytest.mark.parametrize(
@@ -191,7 +191,7 @@ def test_module_and_console_script(tmp_path):
         text=True,
         check=False,
     )
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"vnl-convert: error: {bad}: not a Caffe2 checkpoint (a Python pickle): it is an empty "
         f"file (0 bytes): the download failed or was interrupted"

@@ -21,9 +21,29 @@ from caffe2_fixtures import training_checkpoint_blobs, write_training_checkpoint
 from nonlocal_net.converters import convert_checkpoint, export_caffe2, write_caffe2_pkl
 
 PYTHON2 = os.environ.get("VNL_PYTHON2", "/root/.pyenv/versions/2.7.18/bin/python")
-pytestmark = pytest.mark.skipif(
-    not os.path.exists(PYTHON2), reason="no Python 2.7 interpreter (set VNL_PYTHON2)"
-)
+
+
+def _python2_unusable() -> str | None:
+    """Why the Python 2.7 + numpy toolchain cannot run here (``None`` when it can)."""
+    if not os.path.exists(PYTHON2):
+        return f"no Python 2.7 interpreter at {PYTHON2} (set VNL_PYTHON2)"
+    try:
+        probe = subprocess.run(
+            [PYTHON2, "-c", "import sys, cPickle, numpy; sys.stdout.write(sys.version[:3])"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"{PYTHON2} does not run ({e})"
+    if probe.returncode != 0 or probe.stdout != "2.7":
+        last = (probe.stderr.strip().splitlines() or ["?"])[-1]
+        return f"{PYTHON2} is not a Python 2.7 with numpy ({last})"
+    return None
+
+
+_UNUSABLE = _python2_unusable()
+pytestmark = pytest.mark.skipif(_UNUSABLE is not None, reason=_UNUSABLE or "")
 
 # Loads a pickle as the original's initialize_master_gpu_model_params does, compares every array
 # with an .npz written by this (Python 3) test, and prints what it found as JSON.

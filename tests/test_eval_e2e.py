@@ -218,4 +218,4 @@ def test_vnl_predict(eval_videos, checkpoint, baseline, tmp_path, capsys):
     with torch.inference_mode():
         pooled = model.forward_features(views[:BATCH]).mean(dim=(2, 3, 4))
     torch.testing.assert_close(torch.from_numpy(feats[:BATCH]), pooled, rtol=1e-5, atol=1e-6)
-    assert main([str(eval_videos.empty), "--weights", str(checkpoint)]) == 1
+    assert main([str(eval_videos.empty), "--weights", str(checkpoint)]) == 2

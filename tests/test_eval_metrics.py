@@ -126,7 +126,7 @@ def test_vnl_score_cli(eval_videos, tmp_path, capsys):
     assert main([str(tmp_path / "r.h5"), "--list", str(lst)]) == 0
     out = capsys.readouterr().out
     assert "top-1 accuracy" in out and "(original's lmdb order)" in out
-    assert main([str(tmp_path / "nothing.h5")]) == 1
+    assert main([str(tmp_path / "nothing.h5")]) == 2
 
 
 def test_workers_limit_and_data_root(eval_videos, tmp_path):
@@ -196,4 +196,4 @@ def test_cli_help_and_errors(tmp_path, capsys):
     assert "--resume" in capsys.readouterr().out
     lst = write_list_file(tmp_path / "l.txt", [("a.mp4", 0)])
     args = ["--weights", str(tmp_path / "missing.pt"), "--list", str(lst), "--workers", "0"]
-    assert test_net_video.main(args) == 1
+    assert test_net_video.main(args) == 2

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -38,6 +39,10 @@ from yacs.config import CfgNode
 from .zoo import ZOO, get_zoo_entry
 
 __all__ = [
+    "MAX_CONFIG_BYTES",
+    "MAX_CONFIG_DEPTH",
+    "MAX_CONFIG_ITEMS",
+    "MAX_MODEL_PARAMETERS",
     "CfgLike",
     "ConfigError",
     "ConfigKeyError",
@@ -49,9 +54,21 @@ __all__ = [
     "cfg_from_list",
     "cfg_from_mapping",
     "cfg_to_dict",
+    "check_structure",
+    "estimated_parameters",
     "get_cfg",
     "get_default_cfg",
+    "validate_model_cfg",
 ]
+
+# Bounds on anything read as a config (a YAML file, a converted file's stored config): the
+# original's configs are a few KB, 3 levels deep, with a few hundred values.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_DEPTH = 16
+MAX_CONFIG_ITEMS = 10_000
+# Largest model a config may imply before anything is allocated (8 GB of float32 weights; the
+# largest released network, I3D R101 non-local, has about 62 M).
+MAX_MODEL_PARAMETERS = 2_000_000_000
 
 
 class ConfigError(ValueError):
@@ -254,14 +271,93 @@ def cfg_from_mapping(cfg: CfgNode, data: Mapping, source: str = "<mapping>") -> 
     return cfg
 
 
+def check_structure(
+    value: Any,
+    source: str,
+    *,
+    max_depth: int = MAX_CONFIG_DEPTH,
+    max_items: int = MAX_CONFIG_ITEMS,
+    children: Any = None,
+) -> int:
+    """Refuse a nested structure (dicts/lists, or YAML nodes) that is deeper than ``max_depth``
+    or holds more than ``max_items`` values once every shared part is counted at each place it
+    is used (what any later copy or dump would produce). Each shared part is measured once, so
+    this check itself is linear in the size of the input. Returns the expanded item count.
+
+    ``children(value)`` lists a value's parts (default: dict values and list/tuple items).
+    """
+    if children is None:
+
+        def children(v: Any) -> Any:
+            if isinstance(v, Mapping):
+                return list(v.values())
+            if isinstance(v, (list, tuple)):
+                return v
+            return ()
+
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(v: Any, depth: int) -> int:
+        parts = children(v)
+        if not parts:
+            return 1
+        key = id(v)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ConfigError(f"{source}: the config contains itself (a reference cycle)")
+        if depth > max_depth:
+            raise ConfigError(f"{source}: the config is nested more than {max_depth} levels deep")
+        active.add(key)
+        total = 1
+        for part in parts:
+            total += size(part, depth + 1)
+            if total > max_items:
+                raise ConfigError(
+                    f"{source}: the config holds more than {max_items} values (counting shared "
+                    f"parts, e.g. YAML anchors or pickle references, at every use)"
+                )
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(value, 0)
+
+
+def _yaml_children(node: Any) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return node.value
+    return ()
+
+
 def cfg_from_file(cfg: CfgNode, filename: str | os.PathLike) -> CfgNode:
-    """Merge an original-format YAML config file into ``cfg`` (in place) and return ``cfg``."""
+    """Merge an original-format YAML config file into ``cfg`` (in place) and return ``cfg``.
+
+    The file is bounded before it is built: at most :data:`MAX_CONFIG_BYTES`, and its node graph
+    (anchors and merge keys counted at every use) at most :data:`MAX_CONFIG_ITEMS` values
+    :data:`MAX_CONFIG_DEPTH` deep, so an alias bomb is refused in milliseconds."""
     path = os.fspath(filename)
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from e
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: a config file of more than {MAX_CONFIG_BYTES} bytes")
+    try:
+        loader = yaml.SafeLoader(raw.decode("utf-8"))
+        try:
+            node = loader.get_single_node()
+            if node is not None:
+                check_structure(node, path, children=_yaml_children)
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not a valid YAML file: {e}") from e
     if data is None:
@@ -308,6 +404,7 @@ def assert_and_infer_cfg(cfg: CfgNode) -> CfgNode:
 
     ``SOLVER.STEP_SIZES [a, b, c]`` becomes ``SOLVER.STEPS [0, a, a+b, a+b+c]``.
     """
+    _check_values(cfg)
     if cfg.SOLVER.STEPS is None:
         steps = [0]
         for size in cfg.SOLVER.STEP_SIZES:
@@ -390,9 +487,97 @@ def cfg_to_dict(cfg: CfgNode) -> dict[str, Any]:
 
 
 def cfg_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> CfgNode:
-    """Rebuild a frozen config from :func:`cfg_to_dict` output; unknown keys are errors."""
+    """Rebuild a frozen config from :func:`cfg_to_dict` output; unknown keys are errors.
+
+    The structure is bounded first (:func:`check_structure`: shared parts counted at every use,
+    depth), so a stored config cannot make any later copy or dump grow without bound."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: the stored config is a {type(data).__name__}, not a dict")
+    check_structure(data, source)
     data = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
     solver = data.get("SOLVER")
     if isinstance(solver, dict):
         solver.pop("STEPS", None)  # derived again from STEP_SIZES
     return build_cfg(mapping=data, mapping_source=source)
+
+
+# Lists of the config: (key, element type, minimum length, maximum length).
+_LISTS = (
+    ("TRAIN.JITTER_SCALES", int, 2, 2),
+    ("SOLVER.STEP_SIZES", int, 1, 1000),
+    ("SOLVER.LRS", (int, float), 1, 1000),
+)
+
+
+def _get(cfg: CfgNode, key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _check_values(cfg: CfgNode, prefix: str = "") -> None:
+    """Every float finite; every list of the right length with elements of the right type."""
+    for key, value in cfg.items():
+        if isinstance(value, CfgNode):
+            _check_values(value, f"{prefix}{key}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key {prefix}{key!s} must be finite, got {value}")
+    if prefix:
+        return
+    for key, kind, low, high in _LISTS:
+        value = _get(cfg, key)
+        if not isinstance(value, (list, tuple)) or not low <= len(value) <= high:
+            n = len(value) if isinstance(value, (list, tuple)) else type(value).__name__
+            raise ConfigError(f"config key {key} must be a list of {low} to {high} values, got {n}")
+        for i, item in enumerate(value):
+            if isinstance(item, bool) or not isinstance(item, kind):
+                raise ConfigError(f"config key {key}[{i}] must be a number, got {item!r}")
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"config key {key}[{i}] must be finite, got {item}")
+            if isinstance(item, int) and not 0 <= item <= 10**12:
+                raise ConfigError(f"config key {key}[{i}] is out of range: {item}")
+
+
+# Ranges of the keys that size the model or the test views: (key, low, high or None).
+_RANGES = (
+    ("MODEL.DEPTH", (50, 101)),
+    ("MODEL.VIDEO_ARC_CHOICE", (1, 2, 3, 4)),
+    ("MODEL.NUM_CLASSES", range(1, 100_001)),
+    ("RESNETS.NUM_GROUPS", range(1, 65)),
+    ("RESNETS.WIDTH_PER_GROUP", range(1, 1025)),
+    ("TRAIN.VIDEO_LENGTH", range(1, 1025)),
+    ("TRAIN.CROP_SIZE", range(1, 4097)),
+    ("TEST.SCALE", range(1, 4097)),
+    ("TEST.NUM_TEST_CLIPS", range(1, 3001)),
+    ("NONLOCAL.LAYER_MOD", range(1, 1001)),
+)
+
+
+def estimated_parameters(cfg: CfgNode) -> int:
+    """An upper estimate of the parameter count the config implies (ResNet-101, 3-D kernels,
+    non-local blocks everywhere), to refuse absurd configs before allocating."""
+    width = cfg.RESNETS.NUM_GROUPS * cfg.RESNETS.WIDTH_PER_GROUP
+    body = 120_000_000 * (width / 64) ** 2
+    return int(body + (2048 + 1) * cfg.MODEL.NUM_CLASSES)
+
+
+def validate_model_cfg(cfg: CfgNode, source: str = "config") -> None:
+    """Check the keys that shape the network (types, ranges, implied size) before any model is
+    built; raises :class:`ConfigError` naming ``source`` and the key."""
+    for key, allowed in _RANGES:
+        value = _get(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
+            if key == "MODEL.VIDEO_ARC_CHOICE":
+                rule = "must be 1 (C2D R50), 2 (I3D R50), 3 (C2D R101) or 4 (I3D R101);"
+            elif isinstance(allowed, range):
+                rule = f"must be in {allowed.start}..{allowed.stop - 1},"
+            else:
+                rule = f"must be one of {sorted(allowed)},"
+            raise ConfigError(f"{source}: {key} {rule} got {value!r}")
+    params = estimated_parameters(cfg)
+    if params > MAX_MODEL_PARAMETERS:
+        raise ConfigError(
+            f"{source}: the model would have about {params:,} parameters (RESNETS.NUM_GROUPS x "
+            f"WIDTH_PER_GROUP, MODEL.NUM_CLASSES); at most {MAX_MODEL_PARAMETERS:,} are accepted"
+        )

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,11 +31,13 @@ import torch
 from yacs.config import CfgNode
 
 from ..utils.io import atomic_path, atomic_write
+from ..utils.log import terminal_safe
 from .config import cfg_to_dict
 
 __all__ = [
     "FORMAT",
     "WeightsFileError",
+    "is_converted_file",
     "is_safetensors_file",
     "load_weights_file",
     "save_weights_file",
@@ -93,17 +97,77 @@ def load_weights_file(path: str | os.PathLike, map_location: str | torch.device 
         raise WeightsFileError(f"{path}: no such file") from None
     except Exception as e:  # torch raises many exception types for a bad file
         hint = _describe_non_torch_file(path) if os.path.isfile(path) else ""
+        refused = _refused_global(str(e))
+        if refused is not None and not hint:
+            raise WeightsFileError(
+                f"{path}: refused to load: the file references {refused}, which a converted "
+                f"checkpoint never contains; nothing from it was executed"
+            ) from None
+        detail = f"it references {refused}" if refused else _first_safe_line(str(e))
         raise WeightsFileError(
-            f"{path}: not a converted nonlocal_net checkpoint ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}).{hint}"
-        ) from e
+            f"{path}: not a converted nonlocal_net checkpoint ({type(e).__name__}: {detail}).{hint}"
+        ) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise WeightsFileError(f"{path}: expected a {FORMAT!r} checkpoint, found {found!r}")
     for key, kind in (("state_dict", dict), ("cfg", dict), ("meta", dict)):
         if not isinstance(data.get(key), kind):
             raise WeightsFileError(f"{path}: missing or malformed {key!r} entry")
+    _check_state_dict(path, data["state_dict"])
     return data
+
+
+def _check_state_dict(path: str, state: Mapping) -> None:
+    for name, value in state.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise WeightsFileError(
+                f"{path}: state_dict entry {terminal_safe(name)!s} is a {type(value).__name__}, "
+                f"not a tensor"
+            )
+
+
+def is_converted_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` looks like a weights file of this package (a ``torch.save`` zip whose
+    pickle names the format, or a ``.safetensors`` file with the format in its header), checked
+    without loading it: what a command may replace without ``--overwrite``."""
+    path = os.fspath(path)
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                names = [n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+                if not names or z.getinfo(names[0]).file_size > 1 << 24:
+                    return False
+                return FORMAT.encode() in z.read(names[0])
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return False
+            n = int.from_bytes(head, "little")
+            return 0 < n < 1 << 24 and FORMAT.encode() in f.read(n)
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+
+
+_GLOBAL = re.compile(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) ([\w.<>]+)", re.I)
+
+
+def _refused_global(message: str) -> str | None:
+    """The global named in ``torch.load(weights_only=True)``'s refusal, if it is one."""
+    if "Weights only load failed" not in message and "WeightsUnpickler" not in message:
+        return None
+    match = _GLOBAL.search(message)
+    if match:
+        return f"the global {terminal_safe(match.group(1))}"
+    lines = [ln.strip() for ln in message.splitlines()[1:] if ln.strip()]
+    lines = [ln for ln in lines if "weights_only" not in ln and "documentation" not in ln]
+    return terminal_safe(lines[0][:300]) if lines else "something torch refuses to load"
+
+
+def _first_safe_line(message: str) -> str:
+    """The first line of a torch error, never its advice to load with ``weights_only=False``."""
+    advice = ("weights_only", "Weights only", "trust", "documentation")
+    lines = [ln for ln in message.splitlines() if ln.strip() and not any(a in ln for a in advice)]
+    return terminal_safe(lines[0][:300]) if lines else ""
 
 
 def is_safetensors_file(path: str) -> bool:

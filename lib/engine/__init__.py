@@ -9,12 +9,19 @@ Typical use::
     score_results("results.h5")  # the same numbers, without the model
 """
 
-from .evaluator import default_batch_size, evaluate, model_fingerprint, score_results
+from .evaluator import (
+    EvalOptions,
+    default_batch_size,
+    evaluate,
+    model_fingerprint,
+    score_results,
+)
 from .metrics import VideoOutcome, compute_report, format_report, video_outcome
 from .predict import predict_video
 from .results import ResultsError, VideoRecord, iter_result_records
 
 __all__ = [
+    "EvalOptions",
     "ResultsError",
     "VideoOutcome",
     "VideoRecord",

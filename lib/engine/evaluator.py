@@ -9,6 +9,7 @@ throughput. Per-view scores can be kept in a crash-safe, resumable HDF5 file
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -16,7 +17,7 @@ import math
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -36,19 +37,28 @@ from ..datasets.stream import (
 )
 from ..datasets.video_list import VideoList, read_video_list
 from ..models.model_builder import load_model
-from ..utils.io import atomic_write
+from ..utils.io import atomic_write, check_destination
+from ..utils.lock import output_lock
 from .distributed import DistContext, init_distributed, shard
-from .inference import prepare_for_inference
+from .inference import PRECISIONS, prepare_for_inference
 from .metrics import VideoOutcome, compute_report, video_outcome
 from .results import (
     ResultsError,
     ResultsStore,
     VideoRecord,
+    is_results_file,
     iter_result_records,
     read_list_entries,
 )
 
-__all__ = ["default_batch_size", "evaluate", "model_fingerprint", "score_results"]
+__all__ = [
+    "EvalOptions",
+    "default_batch_size",
+    "evaluate",
+    "is_report_file",
+    "model_fingerprint",
+    "score_results",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -277,87 +287,153 @@ def write_report(path: str | os.PathLike, report: Mapping) -> None:
         f.write("\n")
 
 
+@dataclass
+class EvalOptions:
+    """How :func:`evaluate` runs (everything but the list, the weights and the model).
+
+    ``results``: HDF5 file of per-view scores (crash-safe; ``resume`` continues an interrupted
+    run, ``overwrite`` starts again and allows replacing a file that is not a results file).
+    ``report_path``: JSON report (default ``<results>.report.json`` when ``results`` is given).
+    ``batch_size``: views per forward pass (default ``TEST.BATCH_SIZE / NUM_GPUS``, the
+    original's per-GPU batch); batches never mix videos. ``limit``: only the first ``limit``
+    list entries (and the metrics over those). ``channels_last`` / ``allow_tf32``: see
+    :func:`.inference.prepare_for_inference`; a resumed run must use the same decoding
+    ``backend`` and ``channels_last`` as the run it continues. ``precision`` / ``compile``: see
+    :func:`.inference.prepare_for_inference` (``strict``, the default, is the original's
+    arithmetic); recorded in the results file and the report, and a resumed run must use the
+    same mode. ``workers`` decoding processes are started
+    with ``mp_context`` ("spawn": a script that calls :func:`evaluate` at import time needs the
+    usual ``if __name__ == "__main__":`` guard). ``flush_every`` videos or ``flush_seconds``
+    seconds per results part; ``decode_memory_mb``: RGB frames a worker keeps from one decode.
+    """
+
+    overrides: Sequence[str] = ()
+    data_root: str | os.PathLike | None = None
+    results: str | os.PathLike | None = None
+    resume: bool = False
+    overwrite: bool = False
+    report_path: str | os.PathLike | None = None
+    batch_size: int | None = None
+    workers: int = 2
+    limit: int | None = None
+    backend: str = "opencv"
+    device: str | None = None
+    flush_every: int = 16
+    flush_seconds: float = 60.0
+    decode_memory_mb: int = 1024
+    progress: bool = True
+    allow_tf32: bool = False
+    channels_last: bool = True
+    mp_context: str = "spawn"
+    precision: str = "strict"
+    compile: bool = False
+
+    def validate(self) -> None:
+        """Refuse values no run can use (``ValueError`` naming the option)."""
+        checks = (
+            ("batch_size", self.batch_size is None or _int_at_least(self.batch_size, 1)),
+            ("workers", _int_at_least(self.workers, 0)),
+            ("limit", self.limit is None or _int_at_least(self.limit, 0)),
+            ("flush_every", _int_at_least(self.flush_every, 1)),
+            ("decode_memory_mb", _int_at_least(self.decode_memory_mb, 1)),
+            (
+                "flush_seconds",
+                isinstance(self.flush_seconds, (int, float))
+                and math.isfinite(self.flush_seconds)
+                and self.flush_seconds > 0,
+            ),
+        )
+        for name, ok in checks:
+            if not ok:
+                raise ValueError(f"invalid {name}: {getattr(self, name)!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"invalid precision: {self.precision!r} (one of {PRECISIONS})")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other")
+
+
+def _int_at_least(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
 def evaluate(
     list_file: str | os.PathLike,
     weights: str | os.PathLike | None = None,
     *,
     model: torch.nn.Module | None = None,
-    overrides: Sequence[str] = (),
-    data_root: str | os.PathLike | None = None,
-    results: str | os.PathLike | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    report_path: str | os.PathLike | None = None,
-    batch_size: int | None = None,
-    workers: int = 2,
-    limit: int | None = None,
-    backend: str = "opencv",
-    device: str | None = None,
-    flush_every: int = 16,
-    flush_seconds: float = 60.0,
-    decode_memory_mb: int = 1024,
-    progress: bool = True,
-    allow_tf32: bool = False,
-    channels_last: bool = True,
-    mp_context: str = "spawn",
-    precision: str = "strict",
-    compile: bool = False,
+    options: EvalOptions | None = None,
+    **changes: Any,
 ) -> dict:
     """Evaluate a converted checkpoint (``weights``) or a test-split ``model`` on ``list_file``.
 
-    Returns the report (also written as JSON to ``report_path``, default
-    ``<results>.report.json`` when ``results`` is given): the original's metrics
-    (:func:`.metrics.compute_report`), ``errors`` (bad list lines and undecodable videos with
-    ``file:line``), ``throughput`` (videos/s, clips/s, decode share) and the run's settings.
-    ``results``: HDF5 file of per-view scores (crash-safe; ``resume`` continues an interrupted
-    run, ``overwrite`` starts again). ``batch_size``: views per forward pass (default
-    ``TEST.BATCH_SIZE / NUM_GPUS``, the original's per-GPU batch); batches never mix videos.
-    ``limit``: only the first ``limit`` list entries (and the metrics over those).
-    ``channels_last`` / ``allow_tf32``: see :func:`.inference.prepare_for_inference`; a resumed run
-    must use the same decoding ``backend`` and ``channels_last`` as the run it continues.
-    ``workers`` decoding processes are started with ``mp_context`` ("spawn": a script that
-    calls this at import time needs the usual ``if __name__ == "__main__":`` guard).
-    ``precision`` / ``compile``: see :func:`.inference.prepare_for_inference` (``strict``, the
-    default, is the original's arithmetic); recorded in the results file and the report, and a
-    resumed run must use the same mode.
-    Under ``torchrun`` the videos are sharded across the processes; every process returns the
-    same report.
+    ``options`` (:class:`EvalOptions`, default values when omitted) say how; keyword
+    ``changes`` replace single fields (``evaluate(lst, w, results="r.h5", workers=0)``).
+    Returns the report (also written as JSON to ``options.report_path``): the original's
+    metrics (:func:`.metrics.compute_report`, failed views included), ``errors`` (bad list
+    lines and undecodable videos with ``file:line``), ``throughput`` (videos/s, clips/s, decode
+    share) and the run's settings. The results and report files are locked for the run (a
+    second writer is refused) and must not be any input. Under ``torchrun`` the videos are
+    sharded across the processes; every process returns the same report.
     """
-    params = dict(locals())
-    ctx = init_distributed(device)
+    opts = replace(options or EvalOptions(), **changes)
+    opts.validate()
+    ctx = init_distributed(opts.device)
     try:
-        return _evaluate(ctx, **params)
+        with contextlib.ExitStack() as held:
+            return _evaluate(ctx, held, list_file, weights, model, opts)
     finally:
         ctx.close()
 
 
+def is_report_file(path: str) -> bool:
+    """Whether ``path`` is a JSON report this package wrote (replaceable without --overwrite)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = f.read(1 << 16)
+        data = json.loads(head) if len(head) < 1 << 16 else None
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "top1_accuracy" in data and "num_entries" in data
+
+
+def _claim_outputs(held, list_file, weights, results, report, data_root, overwrite) -> None:
+    """Refuse outputs that are inputs or foreign files, then lock them for this run."""
+    inputs = [list_file, weights]
+    if results is not None:
+        check_destination(
+            results,
+            inputs,
+            what="results file",
+            is_own_output=is_results_file,
+            replace_foreign=overwrite,
+        )
+    if report is not None:
+        check_destination(
+            report,
+            [*inputs, results],
+            what="report file",
+            is_own_output=is_report_file,
+            replace_foreign=overwrite,
+        )
+    held.enter_context(output_lock(results, report))
+
+
 def _evaluate(
-    ctx: DistContext,
-    *,
-    list_file,
-    weights,
-    model,
-    overrides,
-    data_root,
-    results,
-    resume,
-    overwrite,
-    report_path,
-    batch_size,
-    workers,
-    limit,
-    backend,
-    device,
-    flush_every,
-    flush_seconds,
-    decode_memory_mb,
-    progress,
-    allow_tf32,
-    channels_last,
-    mp_context,
-    precision,
-    compile,
+    ctx: DistContext, held: contextlib.ExitStack, list_file, weights, model, opts: EvalOptions
 ) -> dict:
+    overrides, data_root, results = opts.overrides, opts.data_root, opts.results
+    resume, overwrite, batch_size = opts.resume, opts.overwrite, opts.batch_size
+    workers, limit, backend = opts.workers, opts.limit, opts.backend
+    report_path = _check_report_path(opts.report_path, results)
+    claimed: Any = None
+    if ctx.is_main:
+        try:
+            _claim_outputs(held, list_file, weights, results, report_path, data_root, overwrite)
+        except OSError as e:
+            claimed = e
+    claimed = ctx.broadcast(claimed)
+    if claimed is not None:
+        raise claimed if isinstance(claimed, OSError) else ResultsError(str(claimed))
     if backend not in available_backends():
         raise ValueError(
             f"video backend {backend!r} is not available (have {available_backends()})"
@@ -371,7 +447,12 @@ def _evaluate(
     cfg = model.cfg
     fingerprint = model_fingerprint(model)  # of the weights as given, before any folding
     model = prepare_for_inference(
-        model, ctx.device, precision, compile, channels_last=channels_last, allow_tf32=allow_tf32
+        model,
+        ctx.device,
+        opts.precision,
+        opts.compile,
+        channels_last=opts.channels_last,
+        allow_tf32=opts.allow_tf32,
     )
     protocol = TestProtocol.from_cfg(cfg)
     batch_size = batch_size or default_batch_size(cfg)
@@ -380,9 +461,17 @@ def _evaluate(
     entries = vlist.entries[:num_entries]
     labels = [e.label for e in entries]
     header = _header(
-        vlist, num_entries, cfg, fingerprint, protocol, weights, backend, data_root, channels_last
+        vlist,
+        num_entries,
+        cfg,
+        fingerprint,
+        protocol,
+        weights,
+        backend,
+        data_root,
+        opts.channels_last,
     )
-    header["precision"] = precision
+    header["precision"] = opts.precision
 
     store = ResultsStore(results, header) if results is not None else None
     state: Any = (False, [])
@@ -414,7 +503,7 @@ def _evaluate(
         ctx.device,
     )
     writer = (
-        store.writer(ctx.rank, cfg.MODEL.NUM_CLASSES, flush_every, flush_seconds)
+        store.writer(ctx.rank, cfg.MODEL.NUM_CLASSES, opts.flush_every, opts.flush_seconds)
         if store is not None and not complete
         else None
     )
@@ -425,7 +514,7 @@ def _evaluate(
         labels,
         cfg.MODEL.NUM_CLASSES,
         writer,
-        progress and ctx.is_main,
+        opts.progress and ctx.is_main,
     )
     if items:
         stream = ViewStream(
@@ -433,7 +522,7 @@ def _evaluate(
             protocol,
             batch_size,
             backend,
-            memory_budget=decode_memory_mb << 20,
+            memory_budget=opts.decode_memory_mb << 20,
             decoder_threads=1 if workers > 0 else 0,
         )
         loader = DataLoader(
@@ -447,7 +536,7 @@ def _evaluate(
             in_order=False,
             # fresh worker processes: a forked child inherits the parent's OpenMP/OpenCV
             # thread-pool state, and OpenCV calls in it can deadlock
-            multiprocessing_context=mp_context if workers > 0 else None,
+            multiprocessing_context=opts.mp_context if workers > 0 else None,
         )
         run.run(loader, len(items), vlist)
     ctx.barrier()  # every shard flushed
@@ -471,13 +560,23 @@ def _evaluate(
         report.update(
             _settings(vlist, weights, results, protocol, batch_size, workers, backend, ctx, limit)
         )
-        report["precision"] = precision
-        path = _check_report_path(report_path, results)
-        if path is not None:
-            write_report(path, report)
-            report["report_file"] = os.path.abspath(path)
-            logger.info("report written to %s", path)
+        report["precision"] = opts.precision
+        _warn_failed_views(report)
+        if report_path is not None:
+            write_report(report_path, report)
+            report["report_file"] = os.path.abspath(report_path)
+            logger.info("report written to %s", report_path)
     return ctx.broadcast(report)
+
+
+def _warn_failed_views(report: Mapping) -> None:
+    if report.get("num_failed_views"):
+        logger.warning(
+            "%d views in %d videos have NaN/Inf scores: counted as failed (never correct); "
+            "the weights or the numerics are broken",
+            report["num_failed_views"],
+            report["num_videos_with_failed_views"],
+        )
 
 
 def _settings(vlist, weights, results, protocol, batch_size, workers, backend, ctx, limit):
@@ -570,6 +669,7 @@ def score_results(
         if rec.error:
             errors.append((rec.video_id, rec.error))
     report = _finish_report(labels, outcomes, views_per_video, vlist, errors)
+    _warn_failed_views(report)
     report["complete"] = complete
     report["results"] = os.path.abspath(os.fspath(results))
     if not complete:

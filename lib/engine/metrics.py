@@ -16,6 +16,9 @@ into the original's numbers:
   video 3 is view 10 (key ``"100"``), not view 0. ``clip1_accuracy`` uses view 0 (``ct=0, j=0``, or
   the lowest recorded view); ``clip1_accuracy_lmdb_order`` uses the view with the lexicographically
   smallest key, the original's first view when the lmdb is read by one reader;
+* failed views: a view whose score has a NaN or an infinity (broken weights, a numeric fault) is
+  counted as a failed view: it never contributes to a video score, is never a class and never
+  correct; ``num_failed_views`` / ``num_videos_with_failed_views`` report them loudly;
 * empty videos (0 views) and incomplete ones (views != NUM_TEST_CLIPS; the original calls them
   "corrupted" and counts the empty ones among them), min/max views per entry.
 """
@@ -27,6 +30,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..utils.numeric import finite_rows
 
 __all__ = ["VideoOutcome", "compute_report", "format_report", "video_outcome"]
 
@@ -43,6 +48,7 @@ class VideoOutcome:
     clip_correct: int  # views whose own first maximum is the label
     first_view_correct: bool  # the lowest recorded view index (view 0 when present)
     lmdb_first_view_correct: bool  # the view the original's lmdb order reads first
+    failed_views: int = 0  # views whose scores are not all finite (never correct)
 
 
 def video_outcome(
@@ -63,11 +69,14 @@ def video_outcome(
         return VideoOutcome(video_id, 0, (), 0, False, False)
     order = np.argsort(view_ids, kind="stable")
     view_ids, scores = view_ids[order], scores[order]
+    finite = finite_rows(scores)
     total = np.zeros(scores.shape[1], dtype=np.float64)
-    for row in scores:  # sequential float64 sum in view order (deterministic)
+    for row in scores[finite]:  # sequential float64 sum in view order (deterministic)
         total += row
-    topk = tuple(int(c) for c in np.argsort(-total, kind="stable")[:TOPK])
-    view_pred = scores.argmax(axis=1)
+    topk = tuple(int(c) for c in np.argsort(-total, kind="stable")[:TOPK]) if finite.any() else ()
+    if not np.isfinite(total).all():  # finite views whose sum overflows
+        topk = ()
+    view_pred = np.where(finite, scores.argmax(axis=1), -1)  # a failed view predicts no class
     keys = [str(views_per_video * video_id + int(v)) for v in view_ids]
     lmdb_first = min(range(len(keys)), key=keys.__getitem__)
     return VideoOutcome(
@@ -77,6 +86,7 @@ def video_outcome(
         clip_correct=int((view_pred == label).sum()),
         first_view_correct=bool(view_pred[0] == label),
         lmdb_first_view_correct=bool(view_pred[lmdb_first] == label),
+        failed_views=int((~finite).sum()),
     )
 
 
@@ -94,7 +104,7 @@ def compute_report(
     """
     num_entries = len(labels)
     counts = np.zeros(num_entries, dtype=np.int64)
-    top1 = top5 = clip_correct = clip1 = clip1_lmdb = seen = 0
+    top1 = top5 = clip_correct = clip1 = clip1_lmdb = seen = failed = failed_videos = 0
     for vid, outcome in outcomes.items():
         if not 0 <= vid < num_entries:
             raise ValueError(f"video id {vid} outside the list's {num_entries} entries")
@@ -103,7 +113,9 @@ def compute_report(
             continue
         label = labels[vid]
         seen += 1
-        top1 += outcome.topk[0] == label
+        failed += outcome.failed_views
+        failed_videos += outcome.failed_views > 0
+        top1 += bool(outcome.topk) and outcome.topk[0] == label
         top5 += label in outcome.topk
         clip_correct += outcome.clip_correct
         clip1 += outcome.first_view_correct
@@ -124,6 +136,8 @@ def compute_report(
         "clip1_accuracy_lmdb_order": _ratio(clip1_lmdb, seen),
         "clip1_lmdb_order_correct": int(clip1_lmdb),
         "views_per_video": views_per_video,
+        "num_failed_views": int(failed),
+        "num_videos_with_failed_views": int(failed_videos),
         "num_empty_videos": int((counts == 0).sum()),
         "num_incomplete_videos": int((counts != views_per_video).sum()),
         "min_views_per_video": int(counts.min()) if num_entries else 0,
@@ -152,6 +166,12 @@ def format_report(report: Mapping) -> str:
         f"top-1 accuracy:          {_pct(report['top1_accuracy'])} ({report['top1_correct']}/{n})",
         f"top-5 accuracy:          {_pct(report['top5_accuracy'])} ({report['top5_correct']}/{n})",
     ]
+    if report.get("num_failed_views"):
+        lines.append(
+            f"FAILED VIEWS:            {report['num_failed_views']} views in "
+            f"{report['num_videos_with_failed_views']} videos have NaN/Inf scores (counted "
+            f"wrong; check the weights)"
+        )
     if report.get("num_bad_list_lines"):
         lines.append(f"bad list lines:          {report['num_bad_list_lines']}")
     if report.get("num_decode_errors"):

@@ -61,6 +61,7 @@ __all__ = [
     "ResultsError",
     "ResultsStore",
     "VideoRecord",
+    "is_results_file",
     "iter_result_records",
     "read_list_entries",
     "read_part",
@@ -221,6 +222,15 @@ def _check_header(source: str, stored: Mapping, current: Mapping) -> None:
 def _short(value) -> str:
     text = _json(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def is_results_file(path: str) -> bool:
+    """Whether ``path`` is a final results file of this package (HDF5 with its format tag)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get("format") == RESULTS_FORMAT
+    except (OSError, ValueError):
+        return False
 
 
 def read_results_header(path: str) -> tuple[dict, dict | None]:

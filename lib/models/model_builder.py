@@ -11,7 +11,14 @@ from typing import Any
 import torch
 from yacs.config import CfgNode
 
-from ..core.config import CfgLike, ConfigError, build_cfg, cfg_from_dict, get_cfg
+from ..core.config import (
+    CfgLike,
+    ConfigError,
+    build_cfg,
+    cfg_from_dict,
+    get_cfg,
+    validate_model_cfg,
+)
 from ..core.weights_file import WeightsFileError, load_weights_file
 from . import resnet_video, resnet_video_org
 from .resnet_video import SPLITS, ResNetVideo
@@ -40,7 +47,11 @@ def build_model(cfg: CfgLike, split: str = "test", overrides: Sequence[str] = ()
     name = cfg.MODEL.MODEL_NAME
     if name not in MODEL_CREATORS:
         raise ConfigError(f"MODEL.MODEL_NAME must be one of {sorted(MODEL_CREATORS)}, got {name!r}")
-    model = MODEL_CREATORS[name](cfg, split)
+    validate_model_cfg(cfg)
+    try:
+        model = MODEL_CREATORS[name](cfg, split)
+    except ValueError as e:  # a combination of keys the original's builder asserts against
+        raise ConfigError(f"config: {e}") from e
     model.train(split == "train")
     model.cfg = cfg
     return model
@@ -78,6 +89,7 @@ def model_from_weights(
         cfg = cfg_from_dict(weights["cfg"], source=f"{source} [cfg]")
         if overrides:
             cfg = build_cfg(cfg, overrides=overrides)
+        validate_model_cfg(cfg, f"{source} [cfg]")
     except ConfigError as e:
         raise WeightsFileError(str(e)) from e
     model = build_model(cfg, split=split)

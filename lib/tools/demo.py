@@ -37,11 +37,13 @@ from ..datasets.synthetic import DEFAULT_SPECS, write_dataset
 from ..engine import evaluate
 from ..engine.metrics import format_report
 from ..models import build_model
-from ..utils.log import add_logging_arguments, setup_logging
+from ..utils.cli import nonnegative_int
+from ..utils.log import add_logging_arguments, run_reporting_errors, setup_logging
 from ..verify import verify_checkpoint
 
 logger = logging.getLogger("nonlocal_net.demo")
 
+PROG = "vnl-demo"
 DEFAULT_MODEL = "c2d_nonlocal_8x8_IN_pretrain_400k"
 # landscape (already 256 high), portrait (scaled to 255 columns), a clip shorter than one
 # sampling window (frame indices wrap): three of the synthetic specs, plus the broken files
@@ -50,10 +52,12 @@ DEMO_VIDEOS = tuple(DEFAULT_SPECS[i] for i in (0, 1, 3))
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="vnl-demo",
+        prog=PROG,
         description="Offline demo of the whole chain on synthetic data: write a Caffe2 "
         "checkpoint, convert it, verify it against the original graph, write videos and a "
         "list, evaluate with the original 30-view protocol.",
+        epilog="Exit status: 0 done, 1 the verification failed, 2 error (one line "
+        "'vnl-demo: error: ...').",
     )
     parser.add_argument(
         "--model",
@@ -69,7 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights")
     parser.add_argument(
-        "--workers", type=int, default=1, help="decoding processes for the evaluation"
+        "--workers",
+        type=nonnegative_int,
+        default=1,
+        help="decoding processes for the evaluation",
     )
     parser.add_argument(
         "--zoo",
@@ -168,8 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose - args.quiet - 1)  # the demo prints its own story
     if args.zoo:
-        return run_zoo()
-    return run_chain(args.model, args.output, seed=args.seed, workers=args.workers)
+        return run_reporting_errors(PROG, run_zoo, verbose=args.verbose)
+    return run_reporting_errors(
+        PROG,
+        lambda: run_chain(args.model, args.output, seed=args.seed, workers=args.workers),
+        verbose=args.verbose,
+    )
 
 
 if __name__ == "__main__":

@@ -11,26 +11,36 @@ import logging
 
 import numpy as np
 
-from ..core.config import ConfigError
-from ..core.weights_file import WeightsFileError
 from ..datasets.class_names import read_class_names
-from ..datasets.decoders import BACKENDS, VideoDecodeError
+from ..datasets.decoders import BACKENDS
 from ..engine.inference import add_precision_arguments
 from ..engine.predict import predict_video
-from ..utils.io import atomic_write
-from ..utils.log import add_logging_arguments, setup_logging
+from ..utils.cli import add_device_argument, add_overrides_argument, positive_int
+from ..utils.io import atomic_write, check_destination
+from ..utils.lock import output_lock
+from ..utils.log import (
+    EXIT_OK,
+    add_logging_arguments,
+    run_reporting_errors,
+    setup_logging,
+    terminal_safe,
+)
 
 logger = logging.getLogger("nonlocal_net.predict")
 
 
+PROG = "vnl-predict"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="vnl-predict",
+        prog=PROG,
         description="Classify one video: decode it once, run the converted model on its 30 "
         "test views (10 clips x 3 crops) and print the top classes. The score is the "
         "original's video score (per-view averaged softmax summed over the views) divided by "
         "the number of views.",
-        epilog="Trailing KEY VALUE pairs override the checkpoint's config.",
+        epilog="Trailing KEY VALUE pairs override the checkpoint's config. Exit status: 0 done, "
+        "2 error (one line 'vnl-predict: error: ...').",
     )
     parser.add_argument("video", help="video file")
     parser.add_argument("--weights", required=True, help="converted checkpoint (.pt)")
@@ -39,15 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="class names: the original's classids.json (name -> id) or one name per line "
         "(default: class indices)",
     )
-    parser.add_argument("--topk", type=int, default=5, help="classes to print (default 5)")
+    parser.add_argument("--topk", type=positive_int, default=5, help="classes to print (default 5)")
     parser.add_argument(
         "--features",
         help="save the pooled res5 (pool5) features of every view here, float32 (views, 2048) "
         "in view order 10*ct + j (.npy)",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --features even when it is not a .npy file",
+    )
     parser.add_argument("--backend", choices=sorted(BACKENDS), default="opencv", help="decoder")
-    parser.add_argument("--batch-size", type=int, help="views per forward pass")
-    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--batch-size", type=positive_int, help="views per forward pass")
+    add_device_argument(parser)
     parser.add_argument(
         "--no-channels-last",
         action="store_true",
@@ -55,52 +70,61 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_precision_arguments(parser)
     add_logging_arguments(parser)
-    parser.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides")
+    add_overrides_argument(parser)
     return parser
+
+
+def _is_npy(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(6) == b"\x93NUMPY"
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.features:
+        check_destination(
+            args.features,
+            [args.video, args.weights, args.labels],
+            what="features file",
+            is_own_output=_is_npy,
+            replace_foreign=args.overwrite,
+        )
+    prediction = predict_video(
+        args.video,
+        args.weights,
+        overrides=args.opts,
+        backend=args.backend,
+        batch_size=args.batch_size,
+        device=args.device,
+        topk=args.topk,
+        features=args.features is not None,
+        channels_last=not args.no_channels_last,
+        precision=args.precision,
+        compile=args.compile,
+    )
+    names = None
+    if args.labels:
+        names = read_class_names(args.labels, num_classes=len(prediction.scores))
+    if args.features:
+        with output_lock(args.features), atomic_write(args.features) as f:
+            np.save(f, prediction.features)
+        logger.info("features %s written to %s", prediction.features.shape, args.features)
+    meta = prediction.meta
+    print(
+        f"{terminal_safe(meta.path)}: {meta.num_frames} frames of {meta.width}x{meta.height}, "
+        f"{len(prediction.view_scores)} views"
+    )
+    for rank, (index, score) in enumerate(prediction.topk, 1):
+        if not np.isfinite(score):
+            logger.warning("class %d has a non-finite score: the weights are broken", index)
+        label = terminal_safe(names[index]) if names else str(index)
+        print(f"{rank:>2}. {score:.4f}  {label}" + (f"  ({index})" if names else ""))
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     setup_logging(args.verbose - args.quiet)
-    try:
-        prediction = predict_video(
-            args.video,
-            args.weights,
-            overrides=args.opts,
-            backend=args.backend,
-            batch_size=args.batch_size,
-            device=args.device,
-            topk=args.topk,
-            features=args.features is not None,
-            channels_last=not args.no_channels_last,
-            precision=args.precision,
-            compile=args.compile,
-        )
-        names = None
-        if args.labels:
-            names = read_class_names(args.labels, num_classes=len(prediction.scores))
-    except (
-        WeightsFileError,
-        ConfigError,
-        VideoDecodeError,
-        FileNotFoundError,
-        ValueError,
-    ) as e:
-        logger.error("%s", e)
-        return 1
-    if args.features:
-        with atomic_write(args.features) as f:
-            np.save(f, prediction.features)
-        logger.info("features %s written to %s", prediction.features.shape, args.features)
-    meta = prediction.meta
-    print(
-        f"{meta.path}: {meta.num_frames} frames of {meta.width}x{meta.height}, "
-        f"{len(prediction.view_scores)} views"
-    )
-    for rank, (index, score) in enumerate(prediction.topk, 1):
-        label = names[index] if names else str(index)
-        print(f"{rank:>2}. {score:.4f}  {label}" + (f"  ({index})" if names else ""))
-    return 0
+    return run_reporting_errors(PROG, lambda: _run(args), verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,159 @@
-"""Atomic file writing: a crash never leaves a half-written checkpoint or results file."""
+"""Safe file writing: atomic writes, temporary files cleaned on signals, inputs never outputs.
+
+Every command that writes a file goes through these helpers, so the rules hold everywhere:
+
+* :func:`atomic_write` / :func:`atomic_path`: write under a temporary sibling name, fsync, rename.
+  A crash or kill never leaves a half-written destination. The temporary name carries the pid
+  (``.NAME.<pid>-<random>.tmp``) so that :func:`remove_stale_temporaries` can tell the leftovers
+  of a dead process (removed) from those of a live one (reported).
+* :func:`install_signal_cleanup`: SIGTERM (and SIGHUP) raise :class:`Terminated`, an exception,
+  so the ``except BaseException`` clauses of the writers remove their temporary files exactly as
+  for Ctrl-C (``KeyboardInterrupt``). The CLI wrapper (:func:`.log.run_reporting_errors`)
+  installs it for every command.
+* :func:`check_destination`: refuses a destination that is the same file as any input (through
+  links and relative paths too), and one that exists but is not the command's own kind of
+  output unless the caller passes ``replace_foreign=True`` (the command's ``--overwrite``).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import glob
+import logging
 import os
+import re
 import secrets
-from collections.abc import Iterator
+import signal
+import socket
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_path", "atomic_write", "fsync_directory", "temporary_sibling"]
+__all__ = [
+    "OutputError",
+    "Terminated",
+    "atomic_path",
+    "atomic_write",
+    "check_destination",
+    "fsync_directory",
+    "install_signal_cleanup",
+    "pid_alive",
+    "remove_stale_temporaries",
+    "same_file",
+    "temporary_sibling",
+]
+
+logger = logging.getLogger(__name__)
+
+_TMP_NAME = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{12}\.tmp(?:\..*)?")
+
+
+class OutputError(OSError):
+    """A destination a command refuses to write (an input, or a file it does not own)."""
+
+
+class Terminated(SystemExit):
+    """Raised in the main thread on SIGTERM/SIGHUP so that cleanup code runs (exit 128+sig)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated(128 + signum)
+
+
+def install_signal_cleanup() -> None:
+    """Turn SIGTERM and SIGHUP into :class:`Terminated` exceptions (main thread only; a no-op
+    elsewhere), so temporary files are removed and locks released as on Ctrl-C."""
+    with contextlib.suppress(ValueError):  # not the main thread
+        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, None):
+                signal.signal(sig, _raise_terminated)
 
 
 def temporary_sibling(path: str | os.PathLike) -> Path:
-    """A fresh, unused temporary name in the directory of ``path`` (same file system)."""
+    """A fresh, unused temporary name in the directory of ``path`` (same file system), marked
+    with this process's pid (see :func:`remove_stale_temporaries`)."""
     target = Path(path)
-    return target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+    return target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(6)}.tmp")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
+    """Remove the temporary siblings of ``path`` left by processes that no longer run (a
+    SIGKILL during a write); temporaries of live processes are reported, not touched.
+    Returns the removed paths."""
+    target = Path(path)
+    removed = []
+    pattern = os.path.join(glob.escape(str(target.parent)), f".{glob.escape(target.name)}.*.tmp*")
+    for found in glob.glob(pattern):
+        match = _TMP_NAME.fullmatch(os.path.basename(found))
+        if match is None or match["name"] != target.name:
+            continue
+        pid = int(match["pid"])
+        if pid != os.getpid() and pid_alive(pid):
+            logger.warning("%s: temporary file of running process %d left alone", found, pid)
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(found)
+            logger.warning("removed %s, left by an interrupted write", found)
+            removed.append(found)
+    return removed
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether ``a`` and ``b`` name the same existing file (links and relative paths
+    resolved: device and inode compared)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_destination(
+    dst: str | os.PathLike,
+    inputs: Iterable[str | os.PathLike | None],
+    *,
+    what: str = "output",
+    is_own_output: Callable[[str], bool] | None = None,
+    replace_foreign: bool = False,
+    flag: str = "--overwrite",
+) -> None:
+    """Refuse to write ``dst`` when it is one of ``inputs`` (same file), a directory, or an
+    existing file that ``is_own_output`` does not recognise (unless ``replace_foreign``).
+
+    ``what`` names the destination in the message (``"results file"``); ``flag`` is the
+    command's option that allows replacing a foreign file. Raises :class:`OutputError`.
+    """
+    dst_s = os.fspath(dst)
+    for src in inputs:
+        if src is not None and same_file(dst_s, src):
+            raise OutputError(
+                f"{dst_s}: the {what} is the same file as the input {os.fspath(src)}; "
+                f"refusing to overwrite an input"
+            )
+    if os.path.isdir(dst_s):
+        raise OutputError(f"{dst_s}: the {what} is a directory")
+    if not os.path.exists(dst_s) or replace_foreign or is_own_output is None:
+        return
+    try:
+        own = is_own_output(dst_s)
+    except OSError:
+        own = False
+    if not own:
+        raise OutputError(
+            f"{dst_s} exists and is not a {what} this command wrote; pass {flag} to replace it"
+        )
 
 
 def fsync_directory(path: str | os.PathLike) -> None:
@@ -35,7 +173,8 @@ def fsync_directory(path: str | os.PathLike) -> None:
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Write to a temporary file next to ``path``; on success flush, fsync and rename it over
-    ``path``. On any exception the temporary file is removed and ``path`` is left as it was.
+    ``path``. On any exception (Ctrl-C and, with :func:`install_signal_cleanup`, SIGTERM
+    included) the temporary file is removed and ``path`` is left as it was.
 
     The file is created with the usual permissions (``0o666`` minus the umask).
     """
@@ -83,3 +222,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def hostname() -> str:
+    """This machine's name (recorded in lock files)."""
+    return socket.gethostname()

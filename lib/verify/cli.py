@@ -27,7 +27,8 @@ from ..core.weights_file import WeightsFileError
 from ..core.zoo import UnknownModelError
 from ..datasets import VideoDecodeError
 from ..reference import Caffe2Error
-from ..utils.io import atomic_write
+from ..utils.io import atomic_write, check_destination
+from ..utils.lock import output_lock
 from ..utils.log import add_logging_arguments, run_reporting_errors, setup_logging
 from .compare import DEFAULT_TOLERANCE
 from .conversion import verify_checkpoint
@@ -155,6 +156,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--json", metavar="OUT.json", help="also write the report as JSON")
     parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --json even when it is not a report vnl-verify wrote",
+    )
+    parser.add_argument(
         "--no-progress", action="store_true", help="no progress bars (default: on a terminal)"
     )
     add_logging_arguments(parser)
@@ -171,6 +177,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("one of --model NAME or --cfg FILE.yaml is required without DST")
     if args.video and args.frames is not None:
         parser.error("--frames cannot be combined with --video (views have TRAIN.VIDEO_LENGTH)")
+    if args.view < 0:
+        parser.error(f"--view must be >= 0, got {args.view}")
     for name in ("frames", "crop", "batch"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -181,7 +189,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _is_verify_report(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "runs" in data and "ok" in data
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.json:
+        check_destination(
+            args.json,
+            [args.src, args.dst, args.cfg, args.video],
+            what="JSON report",
+            is_own_output=_is_verify_report,
+            replace_foreign=args.overwrite,
+        )
     dtypes = {"both": ("float32", "float64"), "fp32": ("float32",), "fp64": ("float64",)}
     progress = not args.no_progress and sys.stderr.isatty()
     report = verify_checkpoint(
@@ -212,7 +237,7 @@ def _run(args: argparse.Namespace) -> int:
     print(report.format_table())
     print(report.verdict())
     if args.json:
-        with atomic_write(args.json, "w") as f:
+        with output_lock(args.json), atomic_write(args.json, "w") as f:
             json.dump(report.to_dict(), f, indent=1)
             f.write("\n")
         logger.info("wrote %s", args.json)
