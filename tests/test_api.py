@@ -13,6 +13,7 @@ from caffe2_fixtures import training_checkpoint_blobs, write_training_checkpoint
 
 import nonlocal_net as nl
 from nonlocal_net.converters.cli import main as vnl_convert
+from nonlocal_net.utils.log import EXIT_ERROR
 
 NAME = "c2d_nonlocal_8x8_IN_pretrain_400k"
 
@@ -56,7 +57,7 @@ def test_overrides_apply_to_the_model_config_as_in_vnl_convert(released, tmp_pat
 
 
 def _refusal(argv, capsys) -> str:
-    assert vnl_convert([str(a) for a in argv]) == 1
+    assert vnl_convert([str(a) for a in argv]) == EXIT_ERROR
     (line,) = [x for x in capsys.readouterr().err.splitlines() if "vnl-convert: error:" in x]
     return line.split("vnl-convert: error: ", 1)[1]
 

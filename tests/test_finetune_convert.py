@@ -117,7 +117,7 @@ def test_refusals(source, tmp_path, capsys):
     src, _ = source
     # the destination may not be the source
     assert convert_main([str(src), str(src), "--blob-rm"]) != 0
-    assert "destination is the source" in capsys.readouterr().err
+    assert "same file as the input" in capsys.readouterr().err
     # an already folded file cannot be folded again: the BN is named
     folded = tmp_path / "folded.pkl"
     write_finetune_file(src, folded, "ftvideo")
