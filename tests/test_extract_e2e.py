@@ -184,9 +184,60 @@ def test_per_video_hooked_layer_in_fp32(eval_videos, checkpoint, tmp_path):
 
 def test_refusals_are_one_line(eval_videos, checkpoint, tmp_path, capsys):
     base = ["--weights", str(checkpoint), "--list", str(eval_videos.list_file)]
-    assert main([*base, "--output", str(tmp_path / "x.h5"), "--layer", "res9"]) == 1
-    assert "vnl-extract: error: unknown layer 'res9'" in capsys.readouterr().err
-    assert main([*base, "--output", str(eval_videos.list_file)]) == 1
-    assert "is one of the inputs" in capsys.readouterr().err
-    assert main([*base, "--output", str(tmp_path / "y.h5"), "--precision", "fp16"]) == 1
-    assert "needs a CUDA GPU" in capsys.readouterr().err
+    inputs = {p: p.read_bytes() for p in (Path(checkpoint), Path(eval_videos.list_file))}
+
+    def refused(args, *expected):
+        assert main([*base, *map(str, args)]) == 2
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.startswith("vnl-extract: error:")]
+        assert len(lines) == 1 and "Traceback" not in err, err
+        assert all(text in lines[0] for text in expected), lines[0]
+
+    refused(["--output", tmp_path / "x.h5", "--layer", "res9"], "unknown layer 'res9'")
+    refused(["--output", eval_videos.list_file], "same file as the input")
+    link = tmp_path / "weights-link.h5"
+    link.symlink_to(checkpoint)
+    refused(["--output", link, "--overwrite"], "same file as the input")  # through a link
+    foreign = tmp_path / "notes.h5"
+    foreign.write_text("mine")
+    refused(["--output", foreign], "not a features file", "--overwrite")
+    assert foreign.read_text() == "mine"
+    held = tmp_path / "held.h5"
+    lock = Path(str(held) + ".lock")  # a live writer (this test's parent process) holds it
+    lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+    refused(["--output", held], f"process {os.getppid()}", "held.h5.lock")
+    assert lock.exists() and not held.exists()
+    refused(["--output", tmp_path / "y.h5", "--precision", "fp16"], "needs a CUDA GPU")
+    for option in (["--workers", "-1"], ["--batch-size", "0"], ["--flush-every", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*base, "--output", str(tmp_path / "z.h5"), *option])
+        assert exit_info.value.code == 2
+        assert "vnl-extract: error: argument " + option[0] in capsys.readouterr().err
+    assert all(p.read_bytes() == data for p, data in inputs.items())
+
+
+def test_nonfinite_views_are_failed_views_not_rows(eval_videos, checkpoint, tmp_path):
+    """A numeric fault in some views: their rows are never written, they are counted per
+    video and in the summary; a stale temporary of a killed writer is removed first."""
+    out = tmp_path / "nan.h5"
+    stale = tmp_path / ".nan.h5.999999999-0123456789ab.tmp"  # no such pid
+    stale.write_bytes(b"half-written")
+    model = nl.load_model(checkpoint, split="test")
+
+    def break_first_view(module, inputs, output):
+        output = output.clone()
+        output[0] = float("nan")  # the first view of every batch
+        return output
+
+    model.res5.register_forward_hook(break_first_view)
+    summary = extract_features(
+        eval_videos.list_file, None, out, model=model, batch_size=BATCH, workers=0, limit=2,
+        progress=False,
+    )  # fmt: skip
+    assert not stale.exists()
+    # 6 views per video in batches of 4 and 2: views 0 and 4 fail
+    assert summary["num_failed_views"] == 4 and summary["num_videos_with_failed_views"] == 2
+    assert summary["num_rows"] == 8 and summary["num_decode_errors"] == 0
+    _, (video_ids, view_index, feats, _) = read_rows(out)
+    assert np.isfinite(feats).all()
+    assert view_index[video_ids == 0].tolist() == [1, 2, 3, 5]

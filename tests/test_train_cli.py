@@ -4,6 +4,7 @@ torchrun DDP against --accumulate, and the refusals."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -42,7 +43,7 @@ def base_args(data, out, model=BASE, **changes):
 
 def one_line_error(result):
     lines = [ln for ln in result.stderr.splitlines() if ln.startswith("vnl-train: error:")]
-    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.returncode == 2, result.stderr[-3000:]
     assert len(lines) == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     return lines[0]
@@ -126,9 +127,9 @@ def test_sigkill_then_resume_is_bit_identical(data, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert target.exists() and not (killed / "checkpoints/model_iter4.pt").exists()
-    assert (killed / ".vnl-train.lock").exists()  # left behind by the killed trainer
+    assert (killed / "checkpoints.lock").exists()  # left behind by the killed trainer
     resumed = run_train([*base_args(data, killed, **args), "--resume"], check=True)
-    assert "resumed from" in resumed.stderr and "stopped trainer" in resumed.stderr
+    assert "resumed from" in resumed.stderr and "stale lock" in resumed.stderr
     a, b = final_state(straight, 4), final_state(killed, 4)
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
@@ -208,7 +209,7 @@ def test_nan_loss_stops_naming_the_iteration_and_keeps_the_checkpoint(data, tmp_
     failed = int(match.group(1))
     kept = sorted(p.name for p in (out / "checkpoints").glob("model_iter*.pt"))
     assert kept == [f"model_iter{i}.pt" for i in range(1, failed)]
-    assert not (out / ".vnl-train.lock").exists()
+    assert not (out / "checkpoints.lock").exists()
 
 
 @pytest.mark.slow
@@ -228,3 +229,70 @@ def test_resume_with_another_config_or_list_is_refused(data, tmp_path):
     line = one_line_error(run_train(base_args(data, out, **args)))  # no --resume
     assert "--resume" in line
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+
+
+def in_process_error(args, capsys):
+    """``vnl-train ARGS`` in this process (no torch start-up): its one error line."""
+    from nonlocal_net.tools.train_net_video import main
+
+    assert main([str(a) for a in args]) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("vnl-train: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0], err
+
+
+def test_live_second_trainer_is_refused_and_nothing_is_lost(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    kept = out / "checkpoints/model_iter1.pt"
+    kept.write_bytes(b"the first trainer's checkpoint")
+    lock = out / "checkpoints.lock"  # held by a live process (this test's parent)
+    holder = json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "started": "now"})
+    lock.write_text(holder)
+    line, _ = in_process_error([*base_args(data, out), "--resume"], capsys)
+    assert f"process {os.getppid()}" in line and "checkpoints.lock" in line
+    assert lock.read_text() == holder and kept.read_bytes() == b"the first trainer's checkpoint"
+    assert sorted(p.name for p in out.rglob("*")) == ["checkpoints", "checkpoints.lock", kept.name]
+
+
+def test_inputs_are_never_checkpoints_or_reports(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    params = out / "checkpoints/c2_model_iter5.pkl"
+    params.write_bytes(b"user weights")
+    line, _ = in_process_error(base_args(data, out, TRAIN__PARAMS_FILE=params), capsys)
+    assert "TRAIN.PARAMS_FILE" in line and "c2_model_iter5.pkl" in line
+    val = tmp_path / "val.txt"  # a link whose target has a checkpoint name
+    val.symlink_to(out / "checkpoints/model_iter7.pt")
+    (out / "checkpoints/model_iter7.pt").write_text(data.read_text())
+    line, _ = in_process_error([*base_args(data, out), "--val-list", val], capsys)
+    assert "--val-list" in line and "checkpoint name" in line
+    report = out / "test_report.json"  # not a report this package wrote
+    report.write_text("my notes")
+    args = [*base_args(data, out, TRAIN__TEST_AFTER_TRAIN="True"), "--val-list", data]
+    line, _ = in_process_error(args, capsys)
+    assert "test_report.json" in line and "not a test report" in line
+    assert report.read_text() == "my notes" and params.read_bytes() == b"user weights"
+    assert not (out / "checkpoints.lock").exists()
+
+
+def test_bad_list_lines_are_counted_in_the_log(tmp_path, capsys):
+    lst = write_class_dataset(tmp_path, extra_lines=[("missing_label.avi", ""), ("x.avi", "z")])
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints/model_iter1.pt").write_bytes(b"x")  # refused after the list is read
+    line, err = in_process_error(base_args(lst, out), capsys)
+    assert "--resume" in line
+    assert "2 of 8 list lines are bad" in err
+
+
+@pytest.mark.parametrize("option", [["--workers", "-1"], ["--accumulate", "0"]])
+def test_invalid_numbers_are_refused_by_argparse(data, tmp_path, capsys, option):
+    from nonlocal_net.tools.train_net_video import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in base_args(data, tmp_path / "run")] + option)
+    assert exit_info.value.code == 2
+    assert f"vnl-train: error: argument {option[0]}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -19,9 +19,11 @@ Output file (the results format, ``header.kind = "features"``)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
@@ -38,17 +40,37 @@ from ..datasets.protocol import TestProtocol
 from ..datasets.stream import VideoItem, ViewStream, identity_collate, init_decode_worker
 from ..datasets.video_list import read_video_list
 from ..models.model_builder import load_model
+from ..utils.io import check_destination
+from ..utils.lock import output_lock
+from ..utils.numeric import finite_rows
 from .distributed import init_distributed, shard
 from .evaluator import default_batch_size, model_fingerprint
 from .inference import prepare_for_inference
-from .results import ResultsError, ResultsStore, VideoRecord
+from .results import RESULTS_FORMAT, ResultsError, ResultsStore, VideoRecord
 
-__all__ = ["FEATURES_KIND", "extract_features", "layer_names"]
+__all__ = ["FEATURES_KIND", "extract_features", "is_features_file", "layer_names"]
 
 logger = logging.getLogger(__name__)
 
 FEATURES_KIND = "nonlocal_net/features/v1"
 POOL5 = "pool5"
+# the error text of a video some of whose views had NaN/Inf features (those rows not written);
+# stored per video, so the counts survive --resume
+_FAILED = "non-finite features:"
+_FAILED_RE = re.compile(re.escape(_FAILED) + r" (\d+) of \d+ views")
+
+
+def is_features_file(path: str) -> bool:
+    """Whether ``path`` is a features file ``vnl-extract`` wrote (replaceable by a new run
+    without ``--overwrite``, after ``--resume``/``--overwrite`` are chosen)."""
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != RESULTS_FORMAT:
+                return False
+            header = json.loads(f.attrs["header"])
+    except (OSError, ValueError, KeyError):
+        return False
+    return isinstance(header, dict) and header.get("kind") == FEATURES_KIND
 
 
 def layer_names(model: torch.nn.Module) -> list[str]:
@@ -89,10 +111,7 @@ class _Features:
             out = pooled if self.hook is None else self.captured[-1]
             if out.dim() > 2:
                 out = out.float().mean(dim=tuple(range(2, out.dim())))
-            feats = out.float().cpu().numpy()
-        if not np.isfinite(feats).all():
-            raise RuntimeError("the model produced non-finite features (NaN or inf)")
-        return feats
+            return out.float().cpu().numpy()  # NaN/Inf rows are failed views (see _take)
 
 
 def extract_features(
@@ -126,16 +145,37 @@ def extract_features(
     decode errors, bad list lines, feature size, output path), also stored in the file.
     ``resume``/``overwrite`` as in :func:`.evaluator.evaluate`; a resumed run must use the same
     model, layer, mode, backend and list. Under ``torchrun`` every process returns the summary.
+
+    ``output`` must not be the list or the weights (links resolved) nor an existing file that
+    is not a features file (unless ``overwrite``); it is locked for the run (a second writer is
+    refused). A view whose features hold NaN/Inf is a *failed view*: its row is not written,
+    and the summary counts ``num_failed_views`` / ``num_videos_with_failed_views`` (with a
+    warning).
     """
     ctx = init_distributed(device)
     try:
-        return _extract(ctx, **{k: v for k, v in locals().items() if k != "ctx"})
+        with contextlib.ExitStack() as held:
+            args = {k: v for k, v in locals().items() if k not in ("ctx", "held")}
+            return _extract(ctx, held, **args)
     finally:
         ctx.close()
 
 
+def _claim_output(held, output, list_file, weights, overwrite) -> None:
+    """Refuse an output that is an input or a foreign file, then lock it for this run."""
+    check_destination(
+        output,
+        [list_file, weights],
+        what="features file",
+        is_own_output=is_features_file,
+        replace_foreign=overwrite,
+    )
+    held.enter_context(output_lock(output))
+
+
 def _extract(
     ctx,
+    held,
     *,
     list_file,
     weights,
@@ -160,6 +200,15 @@ def _extract(
     progress,
     mp_context,
 ) -> dict:
+    claimed: Any = None
+    if ctx.is_main:
+        try:
+            _claim_output(held, output, list_file, weights, overwrite)
+        except OSError as e:
+            claimed = e
+    claimed = ctx.broadcast(claimed)
+    if claimed is not None:
+        raise claimed if isinstance(claimed, OSError) else ResultsError(str(claimed))
     if backend not in available_backends():
         raise ValueError(f"video backend {backend!r} is not available ({available_backends()})")
     if model is None:
@@ -283,21 +332,31 @@ def _take(chunk, features, protocol, device, pending, per_video, dim) -> VideoRe
     del pending[vid]
     feats = np.concatenate(parts).astype(np.float32, copy=False)
     view_ids = np.asarray(ids, dtype=np.int16)
-    if per_video:
+    finite = finite_rows(feats)
+    error = ""
+    if not finite.all():  # failed views: never written as features
+        error = f"{_FAILED} {int((~finite).sum())} of {len(finite)} views had NaN/Inf (not written)"
+        logger.error("video %d: %s", vid, error)
+        feats, view_ids = feats[finite], view_ids[finite]
+    if per_video and len(feats):
         feats = feats.astype(np.float64).mean(0, keepdims=True).astype(np.float32)
         view_ids = np.full(1, -1, np.int16)
     meta = chunk.meta
-    return VideoRecord(vid, view_ids, feats, meta.num_frames, meta.height, meta.width)
+    return VideoRecord(vid, view_ids, feats, meta.num_frames, meta.height, meta.width, error)
 
 
 def _finish(store, complete, entries, vlist, header) -> dict:
-    counts = {"videos": 0, "rows": 0, "decode_errors": 0}
+    counts = {"videos": 0, "rows": 0, "decode_errors": 0, "failed_views": 0, "failed_videos": 0}
     errors: list[dict] = []
 
     def on_record(rec: VideoRecord) -> None:
         counts["videos"] += 1
         counts["rows"] += rec.num_views
-        if rec.error:
+        failed = _FAILED_RE.match(rec.error)
+        if failed:
+            counts["failed_views"] += int(failed.group(1))
+            counts["failed_videos"] += 1
+        elif rec.error:
             counts["decode_errors"] += 1
             errors.append(
                 {"video_id": rec.video_id, "path": entries[rec.video_id].path, "error": rec.error}
@@ -310,6 +369,8 @@ def _finish(store, complete, entries, vlist, header) -> dict:
             "num_videos": counts["videos"],
             "num_rows": counts["rows"],
             "num_decode_errors": counts["decode_errors"],
+            "num_failed_views": counts["failed_views"],
+            "num_videos_with_failed_views": counts["failed_videos"],
             "errors": errors,
             "layer": header["layer"],
             "feature_dim": header["feature_dim"],
@@ -332,6 +393,13 @@ def _finish(store, complete, entries, vlist, header) -> dict:
         with h5py.File(store.path, "r+") as f:  # a convenience name for the rows
             f["views/features"] = h5py.SoftLink("/views/scores")
     report["output"] = store.path
+    if report.get("num_failed_views"):
+        logger.warning(
+            "FAILED VIEWS: %d views in %d videos have NaN/Inf features and were not written; "
+            "the weights or the numerics are broken",
+            report["num_failed_views"],
+            report["num_videos_with_failed_views"],
+        )
     return report
 
 

@@ -1,9 +1,10 @@
 """Training checkpoints: the project's ``.pt`` (with the training state) and the original's
-``c2_model_iter<N>.pkl``, the run lock, and the resume checks.
+``c2_model_iter<N>.pkl``, the run lock, the input checks and the resume checks.
 
 Layout of ``--output-dir``::
 
-    .vnl-train.lock               pid of the trainer that owns the directory
+    checkpoints.lock              the trainer that writes the checkpoints (pid, host, start;
+                                  :func:`..utils.lock.output_lock`, as every writer)
     checkpoints/model_iter<N>.pt  weights + config + meta (what ``nl.load_model`` reads) and
                                   ``train``: optimizer state, iteration, RNG states, data
                                   position, list digests, run settings
@@ -21,34 +22,34 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..core.weights_file import FORMAT, WeightsFileError, weights_payload
-from ..utils.io import atomic_write
+from ..utils.io import OutputError, atomic_write
+from ..utils.lock import LockError, lock_path, output_lock
 
 __all__ = [
-    "LOCK_NAME",
-    "RunLock",
     "RunLockedError",
+    "check_inputs_not_checkpoints",
     "checkpoint_dir",
     "config_differences",
     "find_latest_checkpoint",
     "load_training_checkpoint",
     "pkl_path",
     "pt_path",
+    "run_lock",
+    "run_lock_path",
     "save_training_checkpoint",
 ]
 
-LOCK_NAME = ".vnl-train.lock"
 _PT_RE = re.compile(r"^model_iter(\d+)\.pt$")
+_CHECKPOINT_RE = re.compile(r"^(?:c2_)?model_iter\d+\.(?:pt|pkl)$")
 
-
-class RunLockedError(RuntimeError):
-    """Another trainer holds the output directory."""
+RunLockedError = LockError  # another trainer holds the output directory's checkpoints
 
 
 def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
@@ -63,61 +64,39 @@ def pkl_path(output_dir: str | os.PathLike, iteration: int) -> Path:
     return checkpoint_dir(output_dir) / f"c2_model_iter{iteration}.pkl"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def run_lock_path(output_dir: str | os.PathLike) -> Path:
+    """The lock file of a run's checkpoints: ``OUTPUT_DIR/checkpoints.lock``."""
+    return Path(lock_path(checkpoint_dir(output_dir)))
 
 
-class RunLock:
-    """An ``O_EXCL`` lock file holding the owner's pid. A lock whose pid no longer runs (a
-    killed trainer) is taken over with a warning by the caller; a live one is refused."""
+@contextlib.contextmanager
+def run_lock(output_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold the lock of ``output_dir``'s checkpoints for the block (:func:`.output_lock`, the
+    one lock of every writer): a second trainer gets :class:`RunLockedError` naming the holder;
+    the lock of a trainer that no longer runs is taken over with a warning."""
+    with output_lock(checkpoint_dir(output_dir)):
+        yield
 
-    def __init__(self, output_dir: str | os.PathLike) -> None:
-        self.path = Path(output_dir) / LOCK_NAME
-        self.held = False
-        self.stale_pid: int | None = None
 
-    def acquire(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text().strip() or "0")
-                except (OSError, ValueError):
-                    pid = 0
-                if pid > 0 and pid != os.getpid() and _pid_alive(pid):
-                    raise RunLockedError(
-                        f"{self.path.parent}: another trainer (pid {pid}) is writing this "
-                        f"output directory (lock file {self.path})"
-                    ) from None
-                self.stale_pid = pid
-                with contextlib.suppress(FileNotFoundError):
-                    self.path.unlink()
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()}\n")
-            self.held = True
-            return self
-        raise RunLockedError(f"{self.path}: could not take the lock file")
-
-    def release(self) -> None:
-        if self.held:
-            with contextlib.suppress(OSError):
-                self.path.unlink()
-            self.held = False
-
-    def __enter__(self) -> RunLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+def check_inputs_not_checkpoints(
+    output_dir: str | os.PathLike, inputs: Mapping[str, str | os.PathLike | None]
+) -> None:
+    """Refuse an ``output_dir`` whose checkpoints could replace an input: a file of ``inputs``
+    (``{option: path}``, e.g. the lists and ``TRAIN.PARAMS_FILE``) with a checkpoint name
+    (``model_iter<N>.pt``, ``c2_model_iter<N>.pkl``) in ``output_dir/checkpoints``, named
+    directly or through a link. Raises :class:`..utils.io.OutputError`."""
+    folder = os.path.realpath(checkpoint_dir(output_dir))
+    for option, path in inputs.items():
+        if not path:
+            continue
+        for form in (os.path.abspath(path), os.path.realpath(path)):
+            in_folder = os.path.realpath(os.path.dirname(form)) == folder
+            if in_folder and _CHECKPOINT_RE.match(os.path.basename(form)):
+                raise OutputError(
+                    f"{option} {os.fspath(path)} is a checkpoint name in "
+                    f"{checkpoint_dir(output_dir)}, where this run writes its checkpoints; "
+                    f"copy it elsewhere or choose another --output-dir"
+                )
 
 
 def save_training_checkpoint(

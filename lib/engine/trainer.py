@@ -53,12 +53,13 @@ from ..datasets.video_list import read_video_list
 from ..models.model_builder import build_model
 from .distributed import DistContext
 from .train_checkpoints import (
-    RunLock,
+    check_inputs_not_checkpoints,
     config_differences,
     find_latest_checkpoint,
     load_training_checkpoint,
     pkl_path,
     pt_path,
+    run_lock,
     save_training_checkpoint,
 )
 
@@ -459,16 +460,23 @@ def train(opts: TrainOptions, ctx: DistContext) -> dict:
     """Run (or resume) a training run; returns a summary (final iteration, checkpoint, val)."""
     cfg = opts.cfg
     micro = check_train_cfg(cfg, ctx.world_size, opts.accumulate, opts.precision, ctx.device)
-    out = Path(opts.output_dir)
-    lock = RunLock(out)
-    if ctx.is_main:
-        lock.acquire()
-        if lock.stale_pid:
-            logger.warning("took over the lock of a stopped trainer (pid %d)", lock.stale_pid)
-    try:
+    inputs = {
+        "--train-list": opts.train_list,
+        "--val-list": opts.val_list,
+        "TRAIN.PARAMS_FILE": cfg.TRAIN.PARAMS_FILE,
+    }
+    with contextlib.ExitStack() as held:
+        claimed: Any = None
+        if ctx.is_main:  # one process checks and locks; every process gets the verdict
+            try:
+                check_inputs_not_checkpoints(opts.output_dir, inputs)
+                held.enter_context(run_lock(opts.output_dir))
+            except OSError as e:
+                claimed = e
+        claimed = ctx.broadcast(claimed)
+        if claimed is not None:
+            raise claimed if isinstance(claimed, OSError) else TrainingError(str(claimed))
         return _train(opts, ctx, micro)
-    finally:
-        lock.release()
 
 
 def _train(opts: TrainOptions, ctx: DistContext, micro: int) -> dict:

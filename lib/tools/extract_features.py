@@ -22,7 +22,14 @@ from ..engine.extract import extract_features, layer_names
 from ..engine.inference import add_precision_arguments
 from ..engine.results import ResultsError
 from ..models.model_builder import load_model
-from ..utils.log import add_logging_arguments, run_reporting_errors, setup_logging
+from ..utils.cli import (
+    add_device_argument,
+    add_overrides_argument,
+    add_progress_argument,
+    nonnegative_int,
+    positive_int,
+)
+from ..utils.log import EXIT_OK, add_logging_arguments, run_reporting_errors, setup_logging
 
 __all__ = ["build_parser", "main"]
 
@@ -47,7 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
         "that records the protocol, layer, weights and precision mode.",
         epilog="Rows are in views/features (= views/scores), with views/video_id and "
         "views/view_index (-1 for --per-video). Trailing KEY VALUE pairs override the "
-        "checkpoint's config. Exit status: 0 done, 1 error.",
+        "checkpoint's config. The output is locked while a run writes it, is never one of the "
+        "inputs, and a file that is not a features file is replaced only with --overwrite. "
+        "Views whose features hold NaN/Inf are failed views: counted, reported, not written. "
+        "Exit status: 0 done, 2 error (one line 'vnl-extract: error: ...'), 130/143 "
+        "interrupted.",
     )
     parser.add_argument("--weights", required=True, help="converted checkpoint (.pt)")
     parser.add_argument("--list", dest="list_file", help="'<path> <label>' lines")
@@ -62,22 +73,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    mode.add_argument("--overwrite", action="store_true", help="replace --output, start again")
-    parser.add_argument("--batch-size", type=int, help="views per forward pass")
-    parser.add_argument(
-        "--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes"
+    mode.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --output (even a file this command did not write) and start again",
     )
-    parser.add_argument("--limit", type=int, help="only the first K list entries")
+    parser.add_argument("--batch-size", type=positive_int, help="views per forward pass")
+    parser.add_argument(
+        "--workers",
+        type=nonnegative_int,
+        default=min(4, os.cpu_count() or 1),
+        help="decoding processes (0: decode in this process)",
+    )
+    parser.add_argument("--limit", type=nonnegative_int, help="only the first K list entries")
     parser.add_argument("--backend", choices=sorted(BACKENDS), default="opencv", help="decoder")
-    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    add_device_argument(parser)
     parser.add_argument(
-        "--flush-every", type=int, default=16, help="videos per part file (default 16)"
+        "--flush-every", type=positive_int, default=16, help="videos per part file (default 16)"
     )
-    parser.add_argument("--decode-memory-mb", type=int, default=1024, help="as in vnl-test")
+    parser.add_argument(
+        "--decode-memory-mb", type=positive_int, default=1024, help="as in vnl-test"
+    )
     add_precision_arguments(parser)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_argument(parser)
     add_logging_arguments(parser)
-    parser.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides")
+    add_overrides_argument(parser)
     return parser
 
 
@@ -85,18 +105,9 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.list_layers:
         model = load_model(args.weights, split="test", overrides=args.opts)
         print("\n".join(layer_names(model)))
-        return 0
+        return EXIT_OK
     if not args.list_file or not args.output:
-        raise ValueError("--list and --output are required (unless --list-layers)")
-    if args.limit is not None and args.limit < 0:
-        raise ValueError("--limit must be >= 0")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ValueError("--batch-size must be >= 1")
-    if os.path.abspath(args.output) in {
-        os.path.abspath(args.weights),
-        os.path.abspath(args.list_file),
-    }:
-        raise ValueError(f"--output {args.output} is one of the inputs")
+        parser.error("--list and --output are required (unless --list-layers)")
     summary = extract_features(
         args.list_file,
         args.weights,
@@ -124,8 +135,15 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             f"({summary['layer']}, precision {summary['precision']}) for "
             f"{summary['num_videos']} videos; {summary['num_decode_errors']} undecodable, "
             f"{summary['num_bad_list_lines']} bad list lines"
+            + (
+                f"; FAILED VIEWS: {summary['num_failed_views']} views in "
+                f"{summary['num_videos_with_failed_views']} videos had NaN/Inf features "
+                f"(not written)"
+                if summary.get("num_failed_views")
+                else ""
+            )
         )
-    return 0
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,15 @@ from ..engine.bn_helper import PreciseBNError
 from ..engine.distributed import init_distributed
 from ..engine.train_checkpoints import RunLockedError
 from ..engine.trainer import TrainingError, TrainOptions, train
-from ..utils.log import add_logging_arguments, run_reporting_errors, setup_logging
+from ..utils.cli import (
+    add_device_argument,
+    add_overrides_argument,
+    add_progress_argument,
+    nonnegative_int,
+    positive_int,
+)
+from ..utils.io import OutputError, check_destination
+from ..utils.log import EXIT_OK, add_logging_arguments, run_reporting_errors, setup_logging
 
 logger = logging.getLogger("nonlocal_net.train")
 
@@ -52,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Run under torchrun for DDP across processes.",
         epilog="Trailing KEY VALUE pairs override the config, as on the original's command "
         "line (e.g. TRAIN.PARAMS_FILE in.pkl SOLVER.MAX_ITER 1000 MODEL.NUM_CLASSES 101). "
-        "Exit status: 0 done, 1 error.",
+        "The checkpoints are locked while a run writes them (OUTPUT_DIR/checkpoints.lock; a "
+        "second trainer is refused) and never replace an input. Exit status: 0 done, 2 error "
+        "(one line 'vnl-train: error: ...'), 130/143 interrupted.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--cfg", help="original-format YAML config file")
@@ -69,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--accumulate",
-        type=int,
+        type=positive_int,
         default=1,
         help="split each process's batch into A micro-batches (each with its own BN "
         "statistics, as one of the original's GPUs)",
@@ -84,18 +94,41 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-caffe2", action="store_true", help="do not write c2_model_iter<N>.pkl files"
     )
     parser.add_argument(
-        "--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes"
+        "--workers",
+        type=nonnegative_int,
+        default=min(4, os.cpu_count() or 1),
+        help="decoding processes (0: decode in this process)",
     )
     parser.add_argument("--backend", choices=sorted(BACKENDS), default="opencv", help="decoder")
-    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_device_argument(parser)
+    add_progress_argument(parser)
     add_logging_arguments(parser)
-    parser.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides")
+    add_overrides_argument(parser)
     return parser
+
+
+def _test_report_path(args: argparse.Namespace) -> str:
+    return os.path.join(args.output_dir, "test_report.json")
+
+
+def _check_test_report(args: argparse.Namespace, cfg) -> None:
+    """The ``TEST_AFTER_TRAIN`` report is never an input nor a file someone else wrote."""
+    from ..engine.evaluator import is_report_file
+
+    report = _test_report_path(args)
+    inputs = [args.train_list, args.val_list, args.cfg, cfg.TRAIN.PARAMS_FILE or None]
+    check_destination(report, inputs, what="test report")
+    if os.path.exists(report) and not is_report_file(report):
+        raise OutputError(
+            f"{report} exists and is not a test report this command wrote; move it or choose "
+            f"another --output-dir"
+        )
 
 
 def _run(args: argparse.Namespace) -> int:
     cfg = get_cfg(args.cfg or args.model, args.opts)
+    if cfg.TRAIN.TEST_AFTER_TRAIN and args.val_list:  # refused now, not after hours of training
+        _check_test_report(args, cfg)
     ctx = init_distributed(args.device)
     try:
         opts = TrainOptions(
@@ -108,7 +141,7 @@ def _run(args: argparse.Namespace) -> int:
             accumulate=args.accumulate,
             precision=args.precision,
             write_caffe2=not args.no_caffe2,
-            workers=max(0, args.workers),
+            workers=args.workers,
             backend=args.backend,
             progress=not args.no_progress,
             extra_meta={"config_source": args.cfg or args.model},
@@ -118,27 +151,28 @@ def _run(args: argparse.Namespace) -> int:
             _test_after_train(args, summary["checkpoint"])
     finally:
         ctx.close()
-    return 0
+    return EXIT_OK
 
 
 def _test_after_train(args: argparse.Namespace, checkpoint: str) -> None:
-    """The original's ``TEST_AFTER_TRAIN``: the 30-view test of the last checkpoint."""
+    """The original's ``TEST_AFTER_TRAIN``: the 30-view test of the last checkpoint, through
+    :func:`..engine.evaluator.evaluate` and its own checks (report never an input, locked,
+    failed views counted)."""
     if not args.val_list:
         logger.warning("TRAIN.TEST_AFTER_TRAIN: no --val-list given, test skipped")
         return
-    from ..engine.evaluator import evaluate
+    from ..engine.evaluator import EvalOptions, evaluate
     from ..engine.metrics import format_report
 
-    report = evaluate(
-        args.val_list,
-        checkpoint,
+    options = EvalOptions(
         data_root=args.data_root,
-        report_path=os.path.join(args.output_dir, "test_report.json"),
-        workers=max(0, args.workers),
+        report_path=_test_report_path(args),
+        workers=args.workers,
         backend=args.backend,
         device=args.device,
         progress=not args.no_progress,
     )
+    report = evaluate(args.val_list, checkpoint, options=options)
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_report(report))
 
