@@ -51,6 +51,8 @@ from ..datasets.train_clips import (
 )
 from ..datasets.video_list import read_video_list
 from ..models.model_builder import build_model
+from . import solver
+from .bn_helper import compute_precise_bn
 from .distributed import DistContext
 from .train_checkpoints import (
     check_inputs_not_checkpoints,
@@ -102,18 +104,6 @@ class TrainOptions:
     backend: str = "opencv"
     progress: bool = True
     extra_meta: dict = field(default_factory=dict)
-
-
-def _solver():
-    from .. import solver  # written for issue 9 next to this module
-
-    return solver
-
-
-def _precise_bn_fn():
-    from .bn_helper import compute_precise_bn  # averages over processes itself
-
-    return compute_precise_bn
 
 
 def _uses_precise_bn(cfg) -> bool:
@@ -265,7 +255,6 @@ class _Run:
 
     # -- one iteration
     def step(self, it: int, batch: dict) -> dict:
-        solver = _solver()
         lr = solver.lr_at(self.cfg, it)
         solver.set_lr(self.optimizer, lr)
         clips = normalise_clips(batch["clip"].to(self.device, non_blocking=True), self.sampling)
@@ -312,7 +301,6 @@ class _Run:
     def precise_bn(self, iteration: int) -> None:
         if not _uses_precise_bn(self.cfg) or self.precise_bn_done_at == iteration:
             return
-        compute = _precise_bn_fn()
         num_iters = int(self.cfg.TRAIN.ITER_COMPUTE_PRECISE_BN) * self.opts.accumulate
         dataset = TrainClipDataset(
             self.train_set.vlist,
@@ -337,7 +325,7 @@ class _Run:
                     yield normalise_clips(b["clip"].to(self.device), self.sampling)
 
         t0 = time.perf_counter()
-        compute(self.model, batches(), num_iters)
+        compute_precise_bn(self.model, batches(), num_iters)  # averages over processes itself
         self.precise_bn_done_at = iteration
         logger.info(
             "precise BN at iteration %d: %d batches of %d clips per process (%.1f s)",
@@ -397,7 +385,6 @@ class _Run:
             return
         out = self.opts.output_dir
         state = self.model.state_dict()
-        solver = _solver()
         if self.opts.write_caffe2:
             blobs: dict[str, Any] = dict(state_dict_to_blobs(state))
             blobs.update(solver.caffe2_momentum_blobs(self.optimizer))
@@ -504,7 +491,7 @@ def _train(opts: TrainOptions, ctx: DistContext, micro: int) -> dict:
     start_iter = 0
     if resume_data is None and cfg.TRAIN.PARAMS_FILE:
         start_iter = initialise_from_params_file(model, cfg, cfg.TRAIN.PARAMS_FILE)
-    optimizer = _solver().build_optimizer(model, cfg)
+    optimizer = solver.build_optimizer(model, cfg)
     if resume_data is not None:
         model.load_state_dict(resume_data["state_dict"], strict=True)
         optimizer.load_state_dict(resume_data["train"]["optimizer"])
@@ -555,7 +542,7 @@ def _train(opts: TrainOptions, ctx: DistContext, micro: int) -> dict:
     if resume_data is not None:
         last_lr = float(resume_data["train"]["last_lr"])
     else:
-        last_lr = _solver().lr_at(cfg, start_iter)
+        last_lr = solver.lr_at(cfg, start_iter)
     val_result = None
     window_t = time.perf_counter()
     data_time = 0.0
