@@ -229,7 +229,7 @@ def test_cli_checks_a_converted_file(small, tmp_path, capsys):
     # without --model the converted file's own config is used; a test head on 6 x 224 x 224
     rc, out, _ = _cli(
         [small["path"], dst, "--split", "test", "--frames", "6", "--crop", "224",
-         "--precision", "fp32", "--json", tmp_path / "r.json"],
+         "--runs", "fp32", "--json", tmp_path / "r.json"],
         capsys,
     )  # fmt: skip
     assert rc == 0, out
@@ -295,7 +295,7 @@ def test_video_clips_are_the_original_test_views(video):
 def test_cli_on_a_video(small, video, tmp_path, capsys):
     report_file = tmp_path / "video.json"
     rc, out, _ = _cli(
-        [small["path"], *MODEL_ARGS, "--video", video, "--view", "14", "--precision", "fp32",
+        [small["path"], *MODEL_ARGS, "--video", video, "--view", "14", "--runs", "fp32",
          "--json", report_file],
         capsys,
     )  # fmt: skip
@@ -310,3 +310,13 @@ def test_cli_on_a_video(small, video, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(small["path"]), *MODEL_ARGS, "--video", str(video), "--frames", "8"])
     assert "--frames cannot be combined with --video" in capsys.readouterr().err
+
+
+def test_flag_names_shared_with_the_other_commands_and_the_older_ones():
+    from nonlocal_net.verify.cli import parse_args
+
+    new = parse_args(["a.pkl", "--model", "x", "--batch-size", "2", "--runs", "fp64"])
+    old = parse_args(["a.pkl", "--model", "x", "--batch", "2", "--precision", "fp64"])
+    assert (new.batch, new.precision) == (old.batch, old.precision) == (2, "fp64")
+    with pytest.raises(SystemExit):
+        parse_args(["a.pkl", "--model", "x", "--batch-size", "0"])

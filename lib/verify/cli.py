@@ -27,6 +27,7 @@ from ..core.weights_file import WeightsFileError
 from ..core.zoo import UnknownModelError
 from ..datasets import VideoDecodeError
 from ..reference import Caffe2Error
+from ..utils.cli import positive_int
 from ..utils.io import atomic_write, check_destination
 from ..utils.lock import output_lock
 from ..utils.log import add_logging_arguments, run_reporting_errors, setup_logging
@@ -106,7 +107,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     clip.add_argument(
         "--crop", type=int, default=None, help="crop size (default 256 for test, 224 for val)"
     )
-    clip.add_argument("--batch", type=int, default=1, help="clips in the batch (default 1)")
+    clip.add_argument(
+        "--batch-size",
+        "--batch",
+        dest="batch",
+        type=positive_int,
+        default=1,
+        help="clips in the batch (default 1)",
+    )
     clip.add_argument("--seed", type=int, default=0, help="random seed of the clip (default 0)")
     clip.add_argument(
         "--video",
@@ -139,10 +147,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"the same for the float64 run (default {DEFAULT_TOLERANCE['float64']:.0e})",
     )
     check.add_argument(
+        "--runs",
         "--precision",
+        dest="precision",
         choices=["both", "fp32", "fp64"],
         default="both",
-        help="which runs of the port to compare (default both)",
+        help="which runs of the port to compare (default both; --precision is the older name, "
+        "not the inference commands' precision modes)",
     )
     check.add_argument(
         "--device", default="cpu", help="device of the port, e.g. cuda (TF32 is disabled)"
