@@ -150,7 +150,9 @@ def prepare_for_inference(
     if reduced:
         fuse.pad_stem_channels(fast)
     if device.type == "cpu" and dtype == torch.float32 and not compile:
-        fuse.route_cpu_convs(fast)  # inductor chooses its own conv kernels when compiling
+        # ReLUs/residual adds as oneDNN conv post-ops, the other convs routed to oneDNN/GEMM;
+        # inductor chooses its own conv kernels when compiling
+        fuse.fuse_cpu_pointwise(fast)
     pred = fast.pred
     del fast.pred  # the classifier stays float32 (tiny, and its softmax is the score)
     fast.to(device=device, dtype=dtype, memory_format=memory_format)

@@ -23,6 +23,8 @@ modes ``fp32``/``tf32``/``bf16``/``fp16``, never for ``strict`` and never by the
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,11 +35,16 @@ from .resnet_helper import ResidualBlock3d
 
 __all__ = [
     "CastTo",
+    "FusedConv3d",
+    "FusedResidualBlock3d",
+    "FusedSDPANonLocalBlock",
     "PaddedStem",
     "RoutedConv3d",
     "SDPANonLocalBlock",
+    "cpu_pointwise_fusion_available",
     "fold_norms",
     "folded_conv",
+    "fuse_cpu_pointwise",
     "pad_stem_channels",
     "route_cpu_convs",
     "use_sdpa_nonlocal",
@@ -229,4 +236,155 @@ def route_cpu_convs(model: nn.Module) -> int:
         if type(module) is nn.Conv3d and module.padding_mode == "zeros":
             module.__class__ = RoutedConv3d
             count += 1
+    return count
+
+
+def cpu_pointwise_fusion_available() -> bool:
+    """Whether this torch has oneDNN's fused conv ops (those inductor uses on the CPU)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        ops = torch.ops.mkldnn
+        ops._convolution_pointwise.default  # noqa: B018 (raises when missing)
+        ops._convolution_pointwise.binary  # noqa: B018
+        ops._reorder_convolution_weight.default  # noqa: B018
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+class FusedConv3d(RoutedConv3d):
+    """A :class:`RoutedConv3d` that runs as one oneDNN primitive with its post-ops on the CPU.
+
+    ``forward(x)`` computes ``conv(x)`` and ``forward(x, other)`` computes ``conv(x) + other``,
+    each followed by ReLU when ``post_relu``; on the CPU in float32 the add and the ReLU are
+    oneDNN post-ops of the conv (no extra pass over memory), and the weight is reordered once
+    into oneDNN's blocked layout on the first call (the oneDNN tensor lives beside the ordinary
+    parameter, which stays what ``state_dict`` holds). Elsewhere it is the routed conv followed
+    by the same add and ReLU.
+    """
+
+    post_relu: bool = False
+
+    def _packed_weight(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.shape, self.weight.data_ptr(), self.weight._version)
+        packed = self.__dict__.get("_packed")
+        if packed is None or packed[0] != key:
+            w = torch.ops.mkldnn._reorder_convolution_weight(
+                self.weight,
+                list(self.padding),
+                list(self.stride),
+                list(self.dilation),
+                self.groups,
+                list(x.shape),
+            )
+            packed = (key, w)
+            self.__dict__["_packed"] = packed  # not a buffer: kept out of state_dict/copies
+        return packed[1]
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dtype != torch.float32 or x.requires_grad:
+            y = super().forward(x)
+            if other is not None:
+                y = y + other
+            return F.relu(y) if self.post_relu else y
+        args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
+        w = self._packed_weight(x)
+        if other is None:
+            attr, scalars = ("relu", [None]) if self.post_relu else ("none", [])
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, w, self.bias, *args, attr, scalars, ""
+            )
+        if other.stride() != x.stride() and other.shape[1:] == x.shape[1:]:
+            other = other.contiguous(memory_format=_memory_format_of(x))
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, other, w, self.bias, *args, "add", 1.0, "relu" if self.post_relu else None, [], ""
+        )
+
+    def __deepcopy__(self, memo):  # the oneDNN weight cannot be deep-copied; it is rebuilt
+        packed = self.__dict__.pop("_packed", None)
+        try:
+            cls = self.__class__
+            self.__class__ = RoutedConv3d
+            twin = copy.deepcopy(self, memo)
+        finally:
+            self.__class__ = cls
+            if packed is not None:
+                self.__dict__["_packed"] = packed
+        twin.__class__ = cls
+        return twin
+
+
+def _memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+class FusedResidualBlock3d(ResidualBlock3d):
+    """A folded :class:`ResidualBlock3d` whose ReLUs and residual add run as conv post-ops."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.branch2b(self.branch2a(x))
+        shortcut = x if self.branch1 is None else self.branch1(x)
+        return self.branch2c(out, shortcut)
+
+
+class FusedSDPANonLocalBlock(SDPANonLocalBlock):
+    """An :class:`SDPANonLocalBlock` whose residual add is a post-op of its ``out`` conv."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group_size is not None or self.bn is not None:
+            return super().forward(x)
+        b, _, t, h, w = x.shape
+        c = self.dim_inner
+        query = self.theta(x).reshape(b, c, -1).transpose(1, 2)
+        xp = self.pool(x) if self.pool is not None else x
+        key = self.phi(xp).reshape(b, c, -1).transpose(1, 2)
+        value = self.g(xp).reshape(b, c, -1).transpose(1, 2)
+        scale = self.scale if self.use_scale else 1.0
+        y = F.scaled_dot_product_attention(query, key, value, scale=scale)
+        return self.out(y.transpose(1, 2).reshape(b, c, t, h, w), x)
+
+
+def fuse_cpu_pointwise(model: nn.Module) -> int:
+    """Make the ReLUs and residual adds of a folded model oneDNN conv post-ops, in place.
+
+    Needs :func:`fold_norms` first (a block with a norm left is skipped); the stem's ReLU, each
+    bottleneck's three ReLUs and residual add, and each SDPA non-local block's residual add
+    become post-ops; every other conv is routed as by :func:`route_cpu_convs`. Returns how many
+    blocks were fused (0, with the convs only routed, when this torch lacks the fused ops).
+    """
+    if not cpu_pointwise_fusion_available():
+        route_cpu_convs(model)
+        return 0
+    count = 0
+    relu = getattr(model, "relu", None)
+    if (
+        isinstance(getattr(model, "conv1", None), nn.Conv3d)
+        and isinstance(getattr(model, "res_conv1_bn", None), nn.Identity)
+        and isinstance(relu, nn.ReLU)
+    ):
+        model.conv1.__class__ = FusedConv3d
+        model.conv1.post_relu = True
+        model.relu = nn.Identity()
+        count += 1
+    for module in list(model.modules()):
+        if type(module) is ResidualBlock3d and all(
+            isinstance(getattr(module, n + "_bn"), nn.Identity | type(None))
+            for n in ("branch2a", "branch2b", "branch2c", "branch1")
+        ):
+            for name, post_relu in (("branch2a", True), ("branch2b", True), ("branch2c", True)):
+                conv = getattr(module, name)
+                conv.__class__ = FusedConv3d
+                conv.post_relu = post_relu
+            if module.branch1 is not None:
+                module.branch1.__class__ = FusedConv3d
+            module.__class__ = FusedResidualBlock3d
+            count += 1
+        elif type(module) is SDPANonLocalBlock and module.bn is None and module.group_size is None:
+            module.out.__class__ = FusedConv3d
+            module.__class__ = FusedSDPANonLocalBlock
+            count += 1
+    route_cpu_convs(model)
     return count
