@@ -7,6 +7,8 @@ contribute): a broken fold or stem changes their outputs far beyond the fp32 bou
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -201,6 +203,54 @@ def test_routed_conv_matches_conv3d(kernel, stride, padding, layout):
         out = conv(x)
     assert out.shape == ref.shape
     assert rel_err(out, ref) < 1e-6
+
+
+@pytest.mark.skipif(
+    not fuse.cpu_pointwise_fusion_available(), reason="this torch lacks oneDNN's fused convs"
+)
+@pytest.mark.parametrize("post_relu", [False, True])
+@pytest.mark.parametrize("with_other", [False, True])
+@pytest.mark.parametrize("layout", [torch.channels_last_3d, torch.contiguous_format])
+def test_fused_conv_matches_conv_add_relu(post_relu, with_other, layout):
+    torch.manual_seed(0)
+    conv = nn.Conv3d(8, 12, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1), bias=True)
+    x = torch.randn(1, 8, 3, 8, 8).contiguous(memory_format=layout)
+    other = torch.randn(1, 12, 3, 4, 4) if with_other else None
+    ref = conv(x) + (other if with_other else 0)
+    ref = ref.relu() if post_relu else ref
+    conv = conv.to(memory_format=torch.channels_last_3d).requires_grad_(False)
+    conv.__class__ = fuse.FusedConv3d
+    conv.post_relu = post_relu
+    with torch.inference_mode():
+        outs = [conv(x, other), conv(x, other)]  # the second call reuses the reordered weight
+        twin = copy.deepcopy(conv)  # the oneDNN weight is rebuilt, not copied
+        outs.append(twin(x, other))
+    for out in outs:
+        assert out.shape == ref.shape
+        assert rel_err(out, ref) < 1e-6
+    assert set(conv.state_dict()) == {"weight", "bias"}
+
+
+def test_fp32_fast_path_without_the_fused_ops_routes_the_convs(monkeypatch):
+    model = small_model("c2d_nl", "val")
+    x = clips("c2d_nl")
+    ref = run(nl.prepare_for_inference(model, "cpu"), x)
+    fused = nl.prepare_for_inference(model, "cpu", "fp32")
+    if fuse.cpu_pointwise_fusion_available():
+        kinds = {type(m) for m in fused.modules()}
+        assert {fuse.FusedResidualBlock3d, fuse.FusedSDPANonLocalBlock} <= kinds
+        with torch.inference_mode(), profile() as prof:
+            fused(x)
+        ops = {e.key for e in prof.key_averages()}
+        # every ReLU and residual add ran inside the convs
+        assert not ops & {"aten::relu", "aten::relu_", "aten::add", "aten::add_"}, ops
+    monkeypatch.setattr(fuse, "cpu_pointwise_fusion_available", lambda: False)
+    routed = nl.prepare_for_inference(model, "cpu", "fp32")
+    assert not any(isinstance(m, fuse.FusedConv3d) for m in routed.modules())
+    assert any(type(m) is fuse.RoutedConv3d for m in routed.modules())
+    assert routed.state_dict().keys() == fused.state_dict().keys()
+    for m in (fused, routed):
+        assert rel_err(run(m, x), ref) < FP32_BOUND
 
 
 def test_fast_path_avoids_slow_conv3d_at_batch_1():

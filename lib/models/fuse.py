@@ -172,22 +172,34 @@ def pad_stem_channels(model: nn.Module, channels: int = STEM_CHANNELS) -> None:
     model.conv1 = PaddedStem(model.conv1, channels)
 
 
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, 1, T*H*W, C): a view when ``x`` is channels-last."""
+    return x.permute(0, 2, 3, 4, 1).reshape(x.shape[0], 1, -1, x.shape[1])
+
+
 class SDPANonLocalBlock(NonLocalBlock):
     """A :class:`NonLocalBlock` whose embedded-Gaussian attention runs through
     ``F.scaled_dot_product_attention`` (same parameters, same state_dict)."""
 
+    def _attended(self, x: torch.Tensor) -> torch.Tensor:
+        """``g`` attended by ``softmax(theta^T phi * scale)``, shaped like ``theta(x)``."""
+        b, _, t, h, w = x.shape
+        c = self.dim_inner
+        # (B, 1, L, C'): one head, 4-D, so that SDPA may take its fused (flash) kernels (3-D
+        # inputs fall back to the unfused math path, which materialises the (N, M) affinity);
+        # tokens are taken as (T, H, W, C') so that channels-last maps are views, not copies
+        query = _tokens(self.theta(x))  # (B, 1, N, C')
+        xp = self.pool(x) if self.pool is not None else x
+        key = _tokens(self.phi(xp))  # (B, 1, M, C')
+        value = _tokens(self.g(xp))  # (B, 1, M, C')
+        scale = self.scale if self.use_scale else 1.0
+        y = F.scaled_dot_product_attention(query, key, value, scale=scale)  # (B, 1, N, C')
+        return y.reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)
+
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
         if not self.use_softmax:
             return super()._attention(x)
-        b, _, t, h, w = x.shape
-        c = self.dim_inner
-        query = self.theta(x).reshape(b, c, -1).transpose(1, 2)  # (B, N, C')
-        xp = self.pool(x) if self.pool is not None else x
-        key = self.phi(xp).reshape(b, c, -1).transpose(1, 2)  # (B, M, C')
-        value = self.g(xp).reshape(b, c, -1).transpose(1, 2)  # (B, M, C')
-        scale = self.scale if self.use_scale else 1.0
-        y = F.scaled_dot_product_attention(query, key, value, scale=scale)  # (B, N, C')
-        z = self.out(y.transpose(1, 2).reshape(b, c, t, h, w))
+        z = self.out(self._attended(x))
         if self.bn is not None:
             z = self.bn(z)
         return z
@@ -267,7 +279,10 @@ class FusedConv3d(RoutedConv3d):
     post_relu: bool = False
 
     def _packed_weight(self, x: torch.Tensor) -> torch.Tensor:
-        key = (x.shape, self.weight.data_ptr(), self.weight._version)
+        weight = self.weight
+        # inference tensors (a model prepared under inference_mode) carry no version counter
+        version = None if weight.is_inference() else weight._version
+        key = (x.shape, weight.data_ptr(), version)
         packed = self.__dict__.get("_packed")
         if packed is None or packed[0] != key:
             w = torch.ops.mkldnn._reorder_convolution_weight(
@@ -336,15 +351,7 @@ class FusedSDPANonLocalBlock(SDPANonLocalBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.group_size is not None or self.bn is not None:
             return super().forward(x)
-        b, _, t, h, w = x.shape
-        c = self.dim_inner
-        query = self.theta(x).reshape(b, c, -1).transpose(1, 2)
-        xp = self.pool(x) if self.pool is not None else x
-        key = self.phi(xp).reshape(b, c, -1).transpose(1, 2)
-        value = self.g(xp).reshape(b, c, -1).transpose(1, 2)
-        scale = self.scale if self.use_scale else 1.0
-        y = F.scaled_dot_product_attention(query, key, value, scale=scale)
-        return self.out(y.transpose(1, 2).reshape(b, c, t, h, w), x)
+        return self.out(self._attended(x), x)
 
 
 def fuse_cpu_pointwise(model: nn.Module) -> int:
@@ -352,8 +359,9 @@ def fuse_cpu_pointwise(model: nn.Module) -> int:
 
     Needs :func:`fold_norms` first (a block with a norm left is skipped); the stem's ReLU, each
     bottleneck's three ReLUs and residual add, and each SDPA non-local block's residual add
-    become post-ops; every other conv is routed as by :func:`route_cpu_convs`. Returns how many
-    blocks were fused (0, with the convs only routed, when this torch lacks the fused ops).
+    become post-ops; every other conv runs as a :class:`FusedConv3d` without post-op. Returns
+    how many blocks were fused (0, with the convs routed by :func:`route_cpu_convs` instead,
+    when this torch lacks the fused ops).
     """
     if not cpu_pointwise_fusion_available():
         route_cpu_convs(model)
@@ -386,5 +394,9 @@ def fuse_cpu_pointwise(model: nn.Module) -> int:
             module.out.__class__ = FusedConv3d
             module.__class__ = FusedSDPANonLocalBlock
             count += 1
-    route_cpu_convs(model)
+    for module in model.modules():
+        # the other convs (non-local theta/phi/g) too: oneDNN adds the bias in its kernel, where
+        # a GEMM with bias first copies the bias into every output row
+        if type(module) is nn.Conv3d and module.padding_mode == "zeros":
+            module.__class__ = FusedConv3d
     return count
