@@ -6,7 +6,8 @@ the fast path (see ``docs/performance.md``):
 
 =========  =====================================================================================
 ``fp32``   BN/affine folded into the convs, SDPA non-local, channels_last_3d; on the CPU every
-           conv routed to oneDNN or a GEMM (:func:`~nonlocal_net.models.fuse.route_cpu_convs`).
+           conv one oneDNN primitive with the ReLUs/residual adds as post-ops
+           (:func:`~nonlocal_net.models.fuse.fuse_cpu_pointwise`).
            Within 1e-5 relative of ``strict`` (float32 rounding only).
 ``tf32``   ``fp32`` with TF32 tensor-core matmuls/convs (CUDA only).
 ``bf16``   ``fp32``'s rewrites with weights cast once to bfloat16, conv1 padded to 8 input

@@ -19,6 +19,9 @@ modes ``fp32``/``tf32``/``bf16``/``fp16``, never for ``strict`` and never by the
 * :func:`route_cpu_convs` replaces the Conv3d modules with :class:`RoutedConv3d`, which sends
   every conv to oneDNN (or to a plain matrix product for unstrided 1x1x1 convs) instead of
   letting PyTorch's size heuristic pick the unvectorised ``slow_conv3d_forward`` at small batch.
+* :func:`fuse_cpu_pointwise` goes further on the CPU: every conv becomes a :class:`FusedConv3d`
+  (one oneDNN primitive, weight reordered once) and the ReLUs and residual adds of the stem,
+  the bottlenecks and the non-local blocks run as its post-ops (no extra passes over memory).
 """
 
 from __future__ import annotations
