@@ -474,18 +474,7 @@ def _evaluate(
     header["precision"] = opts.precision
 
     store = ResultsStore(results, header) if results is not None else None
-    state: Any = (False, [])
-    if store is not None and ctx.is_main:
-        try:
-            complete, done = store.prepare(resume, overwrite)
-            state = (complete, sorted(done))
-        except ResultsError as e:
-            state = e
-    state = ctx.broadcast(state)
-    if isinstance(state, Exception):
-        raise ResultsError(str(state))
-    complete, done_ids = state
-    done = set(done_ids)
+    complete, done = store.prepare_on_main(ctx, resume, overwrite) if store else (False, set())
 
     todo = [] if complete else [e for e in entries if e.ok and e.video_id not in done]
     mine = shard(todo, ctx.rank, ctx.world_size)

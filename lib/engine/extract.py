@@ -251,18 +251,7 @@ def _extract(
         "version": _version(),
     }
     store = ResultsStore(output, header)
-    state: Any = (False, [])
-    if ctx.is_main:
-        try:
-            complete, done = store.prepare(resume, overwrite)
-            state = (complete, sorted(done))
-        except ResultsError as e:
-            state = e
-    state = ctx.broadcast(state)
-    if isinstance(state, Exception):
-        raise ResultsError(str(state))
-    complete, done_ids = state
-    done = set(done_ids)
+    complete, done = store.prepare_on_main(ctx, resume, overwrite)
     todo = [] if complete else [e for e in entries if e.ok and e.video_id not in done]
     items = [VideoItem(e.video_id, vlist.resolve(e)) for e in shard(todo, ctx.rank, ctx.world_size)]
     logger.info(

@@ -48,12 +48,16 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
 
 from ..datasets.video_list import ListEntry, VideoList
 from ..utils.io import atomic_path, atomic_write
+
+if TYPE_CHECKING:
+    from .distributed import DistContext
 
 __all__ = [
     "PART_FORMAT",
@@ -267,6 +271,24 @@ class ResultsStore:
             logger.info("removing %s left by an interrupted run", path)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+
+    def prepare_on_main(
+        self, ctx: DistContext, resume: bool, overwrite: bool
+    ) -> tuple[bool, set[int]]:
+        """:meth:`prepare` run by the main process of ``ctx`` (a ``DistContext``) and its
+        verdict, or its refusal as :class:`ResultsError`, handed to every process."""
+        state: Any = (False, [])
+        if ctx.is_main:
+            try:
+                complete, done = self.prepare(resume, overwrite)
+                state = (complete, sorted(done))
+            except ResultsError as e:
+                state = e
+        state = ctx.broadcast(state)
+        if isinstance(state, Exception):
+            raise ResultsError(str(state))
+        complete, done_ids = state
+        return complete, set(done_ids)
 
     def prepare(self, resume: bool, overwrite: bool) -> tuple[bool, set[int]]:
         """Check and set up the output (one process only). Returns ``(complete, done)``:
