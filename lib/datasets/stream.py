@@ -17,13 +17,20 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .decoders import DEFAULT_MEMORY_BUDGET, VideoDecodeError
 from .protocol import TestProtocol
 from .views import VideoMeta, load_test_video
 
-__all__ = ["VideoItem", "ViewChunk", "ViewStream", "identity_collate", "init_decode_worker"]
+__all__ = [
+    "VideoItem",
+    "ViewChunk",
+    "ViewStream",
+    "identity_collate",
+    "init_decode_worker",
+    "view_loader",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -123,3 +130,40 @@ class ViewStream(IterableDataset):
                 video.meta,
                 prepare_seconds=time.perf_counter() - t0,
             )
+
+
+def view_loader(
+    items: Sequence[VideoItem],
+    protocol: TestProtocol,
+    batch_size: int,
+    backend: str,
+    *,
+    workers: int,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    pin_memory: bool = False,
+    mp_context: str = "spawn",
+) -> DataLoader:
+    """The decode-once pipeline over ``items``: a :class:`ViewStream` in ``workers`` decoding
+    processes (none: decoding in this process), chunks in completion order.
+
+    Worker processes are fresh (``mp_context``, "spawn" by default): a forked child inherits
+    the parent's OpenMP/OpenCV thread-pool state, and OpenCV calls in it can deadlock."""
+    stream = ViewStream(
+        items,
+        protocol,
+        batch_size,
+        backend,
+        memory_budget=memory_budget,
+        decoder_threads=1 if workers > 0 else 0,
+    )
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        collate_fn=identity_collate,
+        worker_init_fn=init_decode_worker if workers > 0 else None,
+        pin_memory=pin_memory,
+        prefetch_factor=2 if workers > 0 else None,
+        in_order=False,
+        multiprocessing_context=mp_context if workers > 0 else None,
+    )

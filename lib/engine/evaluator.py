@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..core.config import cfg_to_dict
@@ -31,9 +30,7 @@ from ..datasets.protocol import TestProtocol
 from ..datasets.stream import (
     VideoItem,
     ViewChunk,
-    ViewStream,
-    identity_collate,
-    init_decode_worker,
+    view_loader,
 )
 from ..datasets.video_list import VideoList, read_video_list
 from ..models.model_builder import load_model
@@ -506,26 +503,15 @@ def _evaluate(
         opts.progress and ctx.is_main,
     )
     if items:
-        stream = ViewStream(
+        loader = view_loader(
             items,
             protocol,
             batch_size,
             backend,
+            workers=workers,
             memory_budget=opts.decode_memory_mb << 20,
-            decoder_threads=1 if workers > 0 else 0,
-        )
-        loader = DataLoader(
-            stream,
-            batch_size=None,
-            num_workers=workers,
-            collate_fn=identity_collate,
-            worker_init_fn=init_decode_worker if workers > 0 else None,
             pin_memory=ctx.device.type == "cuda",
-            prefetch_factor=2 if workers > 0 else None,
-            in_order=False,
-            # fresh worker processes: a forked child inherits the parent's OpenMP/OpenCV
-            # thread-pool state, and OpenCV calls in it can deadlock
-            multiprocessing_context=opts.mp_context if workers > 0 else None,
+            mp_context=opts.mp_context,
         )
         run.run(loader, len(items), vlist)
     ctx.barrier()  # every shard flushed

@@ -31,13 +31,15 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..core.config import cfg_to_dict
 from ..datasets.decoders import available_backends
 from ..datasets.protocol import TestProtocol
-from ..datasets.stream import VideoItem, ViewStream, identity_collate, init_decode_worker
+from ..datasets.stream import (
+    VideoItem,
+    view_loader,
+)
 from ..datasets.video_list import read_video_list
 from ..models.model_builder import load_model
 from ..utils.io import check_destination
@@ -266,23 +268,15 @@ def _extract(
     )
     if items:
         writer = store.writer(ctx.rank, dim, flush_every, flush_seconds)
-        loader = DataLoader(
-            ViewStream(
-                items,
-                protocol,
-                batch_size,
-                backend,
-                memory_budget=decode_memory_mb << 20,
-                decoder_threads=1 if workers > 0 else 0,
-            ),
-            batch_size=None,
-            num_workers=workers,
-            collate_fn=identity_collate,
-            worker_init_fn=init_decode_worker if workers > 0 else None,
+        loader = view_loader(
+            items,
+            protocol,
+            batch_size,
+            backend,
+            workers=workers,
+            memory_budget=decode_memory_mb << 20,
             pin_memory=ctx.device.type == "cuda",
-            prefetch_factor=2 if workers > 0 else None,
-            in_order=False,
-            multiprocessing_context=mp_context if workers > 0 else None,
+            mp_context=mp_context,
         )
         pending: dict[int, tuple[list[int], list[np.ndarray]]] = {}
         bar = tqdm(total=len(items), unit="video", disable=not (progress and ctx.is_main))
