@@ -15,12 +15,9 @@ import argparse
 import os
 import sys
 
-from ..core.config import ConfigError
-from ..core.weights_file import WeightsFileError
-from ..datasets.decoders import BACKENDS, VideoDecodeError
+from ..datasets.decoders import BACKENDS
 from ..engine.extract import extract_features, layer_names
 from ..engine.inference import add_precision_arguments
-from ..engine.results import ResultsError
 from ..models.model_builder import load_model
 from ..utils.cli import (
     add_device_argument,
@@ -34,14 +31,6 @@ from ..utils.log import EXIT_OK, add_logging_arguments, run_reporting_errors, se
 __all__ = ["build_parser", "main"]
 
 PROG = "vnl-extract"
-EXPECTED_ERRORS = (
-    WeightsFileError,
-    ConfigError,
-    ResultsError,
-    VideoDecodeError,
-    FileNotFoundError,
-    ValueError,
-)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,9 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(args.verbose - args.quiet if rank == 0 else min(-1, args.verbose - args.quiet))
-    return run_reporting_errors(
-        PROG, lambda: _run(args, parser), EXPECTED_ERRORS, verbose=args.verbose
-    )
+    return run_reporting_errors(PROG, lambda: _run(args, parser), verbose=args.verbose)
 
 
 if __name__ == "__main__":

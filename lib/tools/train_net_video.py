@@ -17,15 +17,10 @@ import argparse
 import logging
 import os
 
-from ..converters.errors import ConversionError
-from ..core.config import ConfigError, get_cfg
-from ..core.weights_file import WeightsFileError
+from ..core.config import get_cfg
 from ..datasets.decoders import BACKENDS
-from ..datasets.train_clips import TrainDataError
-from ..engine.bn_helper import PreciseBNError
 from ..engine.distributed import init_distributed
-from ..engine.train_checkpoints import RunLockedError
-from ..engine.trainer import TrainingError, TrainOptions, train
+from ..engine.trainer import TrainOptions, train
 from ..utils.cli import (
     add_device_argument,
     add_overrides_argument,
@@ -39,17 +34,6 @@ from ..utils.log import EXIT_OK, add_logging_arguments, run_reporting_errors, se
 logger = logging.getLogger("nonlocal_net.train")
 
 PROG = "vnl-train"
-EXPECTED_ERRORS = (
-    TrainingError,
-    TrainDataError,
-    ConfigError,
-    WeightsFileError,
-    ConversionError,
-    RunLockedError,
-    PreciseBNError,
-    FileNotFoundError,
-    ValueError,
-)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     verbosity = args.verbose - args.quiet
     setup_logging(verbosity if rank == 0 else min(-1, verbosity))
-    return run_reporting_errors(PROG, lambda: _run(args), EXPECTED_ERRORS, verbose=args.verbose)
+    return run_reporting_errors(PROG, lambda: _run(args), verbose=args.verbose)
 
 
 if __name__ == "__main__":
