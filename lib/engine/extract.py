@@ -48,6 +48,7 @@ from ..utils.numeric import finite_rows
 from .distributed import init_distributed, shard
 from .evaluator import default_batch_size, model_fingerprint
 from .inference import prepare_for_inference
+from .layer_taps import POOL5, FeatureTap, feature_dim, layer_names
 from .results import RESULTS_FORMAT, ResultsError, ResultsStore, VideoRecord
 
 __all__ = ["FEATURES_KIND", "extract_features", "is_features_file", "layer_names"]
@@ -55,7 +56,6 @@ __all__ = ["FEATURES_KIND", "extract_features", "is_features_file", "layer_names
 logger = logging.getLogger(__name__)
 
 FEATURES_KIND = "nonlocal_net/features/v1"
-POOL5 = "pool5"
 # the error text of a video some of whose views had NaN/Inf features (those rows not written);
 # stored per video, so the counts survive --resume
 _FAILED = "non-finite features:"
@@ -73,47 +73,6 @@ def is_features_file(path: str) -> bool:
     except (OSError, ValueError, KeyError):
         return False
     return isinstance(header, dict) and header.get("kind") == FEATURES_KIND
-
-
-def layer_names(model: torch.nn.Module) -> list[str]:
-    """Names ``--layer`` accepts: ``pool5`` and every named module of the backbone."""
-    return [POOL5] + [n for n, _ in model.named_modules() if n and not n.startswith("pred")]
-
-
-def feature_dim(cfg, layer: str, protocol: TestProtocol) -> int:
-    """Channels of ``layer`` for the protocol's clips (a forward pass on the meta device)."""
-    from ..models.model_builder import build_model
-
-    with torch.device("meta"):
-        model = build_model(cfg, split="test").eval()
-        shapes: list[torch.Size] = []
-        if layer != POOL5:
-            module = dict(model.named_modules())[layer]
-            module.register_forward_hook(lambda m, i, o: shapes.append(o.shape))
-        size = protocol.crop_size
-        out = model.forward_features(torch.empty(1, 3, protocol.video_length, size, size))
-    return int((shapes[-1] if shapes else out.shape)[1])
-
-
-class _Features:
-    """Per-view features of one layer, averaged over positions, as float32 numpy rows."""
-
-    def __init__(self, model: torch.nn.Module, layer: str) -> None:
-        self.model = model
-        self.captured: list[torch.Tensor] = []
-        self.hook = None
-        if layer != POOL5:
-            module = dict(model.named_modules())[layer]
-            self.hook = module.register_forward_hook(lambda m, i, o: self.captured.append(o))
-
-    def __call__(self, pixels: torch.Tensor) -> np.ndarray:
-        self.captured.clear()
-        with torch.inference_mode():
-            pooled = self.model.forward_features(pixels)
-            out = pooled if self.hook is None else self.captured[-1]
-            if out.dim() > 2:
-                out = out.float().mean(dim=tuple(range(2, out.dim())))
-            return out.float().cpu().numpy()  # NaN/Inf rows are failed views (see _take)
 
 
 def extract_features(
@@ -227,7 +186,7 @@ def _extract(
     dim = feature_dim(cfg, layer, protocol)
     fingerprint = model_fingerprint(model)  # of the weights as given, before any folding
     model = prepare_for_inference(model, ctx.device, precision, compile)
-    features = _Features(model, layer)
+    features = FeatureTap(model, layer)
     batch_size = batch_size or default_batch_size(cfg)
     vlist = read_video_list(list_file, data_root, num_classes=cfg.MODEL.NUM_CLASSES)
     entries = vlist.entries if limit is None else vlist.entries[:limit]
