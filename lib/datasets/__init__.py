@@ -18,12 +18,14 @@ os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
 
 from .class_names import read_class_names
 from .decoders import (
+    DECODER_THREADS,
     MAX_DECODING_FRAMES,
     DecodedFrames,
     VideoDecodeError,
     available_backends,
     decode_selected,
     decode_video,
+    decoding_signature,
 )
 from .protocol import TestProtocol, clip_frame_indices, clip_start, crop_offsets, scaled_size
 from .stream import VideoItem, ViewChunk, ViewStream
@@ -31,6 +33,7 @@ from .video_list import ListEntry, VideoList, read_video_list, resolve_video_pat
 from .views import TestVideo, VideoMeta, load_test_video, test_views
 
 __all__ = [
+    "DECODER_THREADS",
     "MAX_DECODING_FRAMES",
     "DecodedFrames",
     "ListEntry",
@@ -48,6 +51,7 @@ __all__ = [
     "crop_offsets",
     "decode_selected",
     "decode_video",
+    "decoding_signature",
     "load_test_video",
     "read_class_names",
     "read_video_list",

@@ -63,7 +63,8 @@ def identity_collate(item):
 
 
 def init_decode_worker(worker_id: int) -> None:
-    """Keep each worker single-threaded: parallelism comes from the workers."""
+    """Keep each worker's OpenCV and torch single-threaded: parallelism comes from the workers.
+    (Video decoding is single-threaded in every process: :data:`.decoders.DECODER_THREADS`.)"""
     import cv2
 
     cv2.setNumThreads(1)
@@ -80,7 +81,6 @@ class ViewStream(IterableDataset):
         batch_size: int,
         backend: str = "opencv",
         memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
-        decoder_threads: int = 0,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
@@ -89,7 +89,6 @@ class ViewStream(IterableDataset):
         self.batch_size = batch_size
         self.backend = backend
         self.memory_budget = memory_budget
-        self.decoder_threads = decoder_threads
 
     def __len__(self) -> int:  # number of videos (not of chunks)
         return len(self.items)
@@ -107,7 +106,6 @@ class ViewStream(IterableDataset):
                 self.protocol,
                 self.backend,
                 memory_budget=self.memory_budget,
-                threads=self.decoder_threads,
             )
         except VideoDecodeError as e:
             yield ViewChunk(item.video_id, [], None, 0, True, None, str(e))
@@ -144,7 +142,9 @@ def view_loader(
     mp_context: str = "spawn",
 ) -> DataLoader:
     """The decode-once pipeline over ``items``: a :class:`ViewStream` in ``workers`` decoding
-    processes (none: decoding in this process), chunks in completion order.
+    processes (none: decoding in this process), chunks in completion order. The decoded
+    frames, hence the views, do not depend on ``workers`` (one decoding configuration,
+    :func:`.decoders.decoding_signature`).
 
     Worker processes are fresh (``mp_context``, "spawn" by default): a forked child inherits
     the parent's OpenMP/OpenCV thread-pool state, and OpenCV calls in it can deadlock."""
@@ -154,7 +154,6 @@ def view_loader(
         batch_size,
         backend,
         memory_budget=memory_budget,
-        decoder_threads=1 if workers > 0 else 0,
     )
     return DataLoader(
         stream,

@@ -10,6 +10,11 @@ OpenCV-headless writes: ``mp4v`` in ``.mp4``, ``MJPG`` and ``XVID`` in ``.avi``,
 as the authors' re-encoded copies, and a larger one that is scaled down), portrait (whose
 256-wide scaling truncates to 255 columns), square, a video shorter than one clip (frame
 indices wrap), an undecodable file and an empty file, plus a list file in the original format.
+
+:func:`write_h264_video` writes H.264 with PyAV's libx264 (index at the start of the file, any
+pixel format libx264 takes: 8/10-bit, 4:2:0/4:4:4) where the environment has them
+(:func:`h264_unavailable_reason`), and :func:`write_truncated_copy` cuts a file's tail: the
+damaged streams the decoding tests need.
 """
 
 from __future__ import annotations
@@ -29,10 +34,13 @@ __all__ = [
     "DEFAULT_SPECS",
     "SyntheticDataset",
     "VideoSpec",
+    "h264_unavailable_reason",
     "render_frame",
     "write_dataset",
     "write_empty_file",
+    "write_h264_video",
     "write_list_file",
+    "write_truncated_copy",
     "write_undecodable_file",
     "write_video",
 ]
@@ -111,6 +119,72 @@ def write_video(
         finally:
             writer.release()
     return path
+
+
+def h264_unavailable_reason(pix_fmt: str = "yuv420p") -> str:
+    """Why :func:`write_h264_video` cannot write ``pix_fmt`` here ('' when it can)."""
+    try:
+        import av
+    except ImportError:
+        return "PyAV (optional extra 'pyav') is not installed: no H.264 encoder"
+    if "libx264" not in av.codecs_available:
+        return "this PyAV's FFmpeg has no libx264 encoder"
+    formats = {f.name for f in av.codec.Codec("libx264", "w").video_formats or ()}
+    if pix_fmt not in formats:
+        return f"this FFmpeg's libx264 cannot encode {pix_fmt}"
+    return ""
+
+
+def write_h264_video(
+    path: str | os.PathLike,
+    num_frames: int,
+    width: int,
+    height: int,
+    *,
+    pix_fmt: str = "yuv420p",
+    options: dict[str, str] | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write a synthetic H.264 ``.mp4`` with PyAV's libx264 (atomically) and return its path.
+
+    The index (``moov``) is at the start of the file (``movflags=faststart``), as in files
+    prepared for streaming, so a copy with its tail cut still opens. ``options`` are libx264's
+    (default: ``preset ultrafast``, a keyframe every 30 frames, 2 B-frames; ``{"qp": "0"}``
+    adds lossless coding). Raises ``RuntimeError`` with :func:`h264_unavailable_reason`."""
+    reason = h264_unavailable_reason(pix_fmt)
+    if reason:
+        raise RuntimeError(f"{path}: {reason}")
+    import av
+
+    path = Path(path)
+    encoder_options = {"preset": "ultrafast", "g": "30", "bf": "2", **(options or {})}
+    mp4_options = {"movflags": "faststart"}
+    with (
+        atomic_path(path, suffix=".mp4") as tmp,
+        av.open(str(tmp), "w", format="mp4", options=mp4_options) as out,
+    ):
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        stream.options = encoder_options
+        for index in range(num_frames):
+            rgb = render_frame(index, height, width, seed)
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return path
+
+
+def write_truncated_copy(
+    source: str | os.PathLike, path: str | os.PathLike, keep: float = 0.9
+) -> Path:
+    """Copy the first ``keep`` (a fraction) of ``source``'s bytes to ``path``: a file whose
+    index promises more frames than its data holds, with the last packet cut in the middle."""
+    if not 0.0 < keep < 1.0:
+        raise ValueError(f"keep must be a fraction in (0, 1), got {keep}")
+    data = Path(source).read_bytes()
+    with atomic_write(path) as f:
+        f.write(data[: int(len(data) * keep)])
+    return Path(path)
 
 
 def write_undecodable_file(path: str | os.PathLike, size: int = 40000, seed: int = 0) -> Path:

@@ -143,7 +143,6 @@ def load_test_video(
     *,
     memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
     max_frames: int = MAX_DECODING_FRAMES,
-    threads: int = 0,
 ) -> TestVideo:
     """Decode ``path`` once and prepare its views (raises :class:`.VideoDecodeError`)."""
     path = os.fspath(path)
@@ -153,7 +152,6 @@ def load_test_video(
         backend,
         memory_budget=memory_budget,
         max_frames=max_frames,
-        threads=threads,
     )
     start = time.perf_counter()
     indices = protocol.frame_indices(decoded.num_frames)
