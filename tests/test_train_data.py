@@ -141,3 +141,21 @@ def test_undecodable_videos_are_replaced_and_bad_lines_left_out(videos, caplog):
 def test_crop_larger_than_jitter_scale_is_refused():
     with pytest.raises(nl.ConfigError, match="JITTER_SCALES"):
         TrainSampling.from_cfg(cfg(["TRAIN.CROP_SIZE", "120"]))
+
+
+def test_training_lists_take_only_ascii_digit_labels(videos, caplog):
+    """The training list is read by the evaluation's parser: '+2', an Arabic-Indic digit or
+    '1_0' (all of which int() takes) are bad lines, logged with file:line and left out."""
+    lst = videos / "odd_labels.txt"
+    lst.write_text(
+        "a/landscape.avi 0\nb/portrait.avi +1\na/landscape.avi \u0661\nb/portrait.avi 1_0\n"
+        "b/portrait.avi 1\n",
+        encoding="utf-8",
+    )
+    with caplog.at_level("ERROR"):
+        vlist = read_video_list(lst, data_root=videos, num_classes=400)
+        dataset = TrainClipDataset(vlist, TrainSampling.from_cfg(cfg()), seed=0)
+    assert [e.label for e in dataset.entries] == [0, 1]
+    for line in (2, 3, 4):
+        assert f"{lst}:{line}" in caplog.text
+    assert "3 of 5 list lines are bad" in caplog.text

@@ -2,13 +2,16 @@
 
 ``process_data/kinetics/classids.json`` maps class names to ids; names that contain spaces are
 stored with literal double quotes around them (``"\\"air drumming\\"": 1``), which are removed
-here. A plain text file lists one name per line, line ``i`` naming class ``i``.
+here. A plain text file lists one name per line, line ``i`` naming class ``i`` (lines end at
+``\n`` or ``\r\n`` only, as in list files; the file is bounded like them).
 """
 
 from __future__ import annotations
 
 import json
 import os
+
+from .text_lines import read_bounded_bytes, split_lines
 
 __all__ = ["read_class_names"]
 
@@ -23,11 +26,11 @@ def _unquote(name: str) -> str:
 def read_class_names(path: str | os.PathLike, num_classes: int | None = None) -> list[str]:
     """Names indexed by class id; errors name the file and the offending entry."""
     path = os.fspath(path)
+    raw = read_bounded_bytes(path, "class names")
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise FileNotFoundError(f"cannot read class names {path}: {e.strerror or e}") from e
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: class names are not UTF-8 text ({e})") from e
     if text.lstrip().startswith("{"):
         try:
             mapping = json.loads(text)
@@ -47,7 +50,7 @@ def read_class_names(path: str | os.PathLike, num_classes: int | None = None) ->
             )
         result = [names[i] for i in range(len(names))]
     else:
-        result = [line.strip() for line in text.splitlines()]
+        result = [line.strip(" \t") for line in split_lines(text)]
         while result and not result[-1]:
             result.pop()
         for i, name in enumerate(result):

@@ -4,14 +4,21 @@
 the evaluation indexes ground truth by line number and divides by the number of lines, so a line
 that cannot be used must still count (as a wrong answer), never silently disappear. Rules here:
 
-* Every line is one entry whose video id is its 0-based line index.
-* The label is the last whitespace-separated token; everything before it is the path (so paths
-  with spaces work; the original split on whitespace and took tokens 0 and 1).
-* A multi-label line (``path 3,17``, which the original's lmdb writer splits on ``,``) is
-  accepted; all labels are kept and the first one is scored (the original's input op reads the
-  first label). A label outside ``0..num_classes-1``, a non-integer label, a missing path or an
-  empty line in the middle of the file makes the entry *bad*: it is logged with ``file:line``,
-  counted and scored as wrong. Blank lines at the end of the file are ignored.
+* Lines end at ``\n`` (or ``\r\n``) only (:func:`.text_lines.split_lines`): U+2028, a form
+  feed and the like are characters of a path. Every line is one entry whose video id is its
+  0-based line index. The file must be UTF-8 and a regular file of at most
+  :data:`.text_lines.MAX_TEXT_BYTES` (a device, FIFO or directory is refused before reading).
+* The label is the last token separated by ASCII spaces or tabs; everything before it, without
+  the spaces and tabs around it, is the path (so paths with spaces work; the original split on
+  whitespace and took tokens 0 and 1).
+* A label is ASCII digits ``0-9`` only: ``+2``, ``-1``, ``2_0``, ``٣`` (an Arabic-Indic digit)
+  or a label glued to the path by a non-ASCII space are refused, though Python's ``int`` takes
+  most of them. A multi-label line (``path 3,17``, which the original's lmdb writer splits on
+  ``,``) is accepted; all labels are kept and the first one is scored (the original's input op
+  reads the first label). A label outside ``0..num_classes-1`` (or above the int32 range), a
+  malformed label, a missing path or an empty line in the middle of the file makes the entry
+  *bad*: it is logged with ``file:line``, counted and scored as wrong (training leaves it out).
+  Blank lines at the end of the file are ignored.
 * Relative paths are taken relative to ``data_root`` if given, else to the list file's folder.
   Absolute paths are re-rooted under ``data_root`` (see :func:`resolve_video_path`).
 """
@@ -21,10 +28,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ListEntry", "VideoList", "read_video_list", "resolve_video_path"]
+from .text_lines import read_bounded_bytes, split_lines
+
+__all__ = ["ListEntry", "VideoList", "parse_labels", "read_video_list", "resolve_video_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,26 +110,42 @@ def resolve_video_path(path: str, data_root: str | None, base_dir: str = "") -> 
     return os.path.join(data_root, *parts[-2:])
 
 
+SEPARATORS = " \t"  # what separates the path from the label (ASCII space and tab only)
+LABEL_PATTERN = re.compile(r"[0-9]+(?:,[0-9]+)*")  # ASCII digits, comma-separated
+MAX_LABEL = 2**31 - 1  # labels are stored as int32
+
+
+def parse_labels(text: str) -> tuple[int, ...]:
+    """The labels of ``3`` or ``3,17``: ASCII digits only. Raises ``ValueError`` saying why."""
+    if not LABEL_PATTERN.fullmatch(text):
+        if re.fullmatch(r"-[0-9]+", text):
+            raise ValueError(f"label {text[:20]} out of range (labels are >= 0)")
+        raise ValueError(f"label {text!r} is not an integer written in ASCII digits 0-9")
+    tokens = text.split(",")
+    for token in tokens:
+        if len(token.lstrip("0")) > 10 or int(token) > MAX_LABEL:
+            raise ValueError(f"label {token[:20]} out of range (above {MAX_LABEL})")
+    return tuple(int(t) for t in tokens)
+
+
 def _parse_line(text: str, video_id: int, line_no: int, num_classes: int | None) -> ListEntry:
-    stripped = text.strip()
+    stripped = text.strip(SEPARATORS)
     if not stripped:
         return ListEntry(video_id, line_no, "", (), "empty line")
-    tokens = stripped.rsplit(None, 1)
-    if len(tokens) < 2:
+    cut = max(stripped.rfind(c) for c in SEPARATORS)
+    if cut < 0:
         return ListEntry(
             video_id, line_no, stripped, (), f"expected '<path> <label>', got {text!r}"
         )
-    path, label_text = tokens
+    path, label_text = stripped[:cut].rstrip(SEPARATORS), stripped[cut + 1 :]
     try:
-        labels = tuple(int(t) for t in label_text.split(","))
-    except ValueError:
-        return ListEntry(video_id, line_no, path, (), f"label {label_text!r} is not an integer")
+        labels = parse_labels(label_text)
+    except ValueError as e:
+        return ListEntry(video_id, line_no, path, (), str(e))
     for label in labels:
-        if label < 0 or (num_classes is not None and label >= num_classes):
-            limit = f"0..{num_classes - 1}" if num_classes is not None else ">= 0"
-            return ListEntry(
-                video_id, line_no, path, labels, f"label {label} out of range ({limit})"
-            )
+        if num_classes is not None and label >= num_classes:
+            reason = f"label {label} out of range (0..{num_classes - 1})"
+            return ListEntry(video_id, line_no, path, labels, reason)
     return ListEntry(video_id, line_no, path, labels)
 
 
@@ -130,17 +156,13 @@ def read_video_list(
 ) -> VideoList:
     """Parse a list file (see the module docstring); bad lines are logged and kept as entries."""
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise FileNotFoundError(f"cannot read list file {path}: {e.strerror or e}") from e
+    raw = read_bounded_bytes(path, "list file")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: list file is not UTF-8 text ({e})") from e
-    lines = text.splitlines()
-    while lines and not lines[-1].strip():
+    lines = split_lines(text)
+    while lines and not lines[-1].strip(SEPARATORS + "\r"):
         lines.pop()
     entries = [_parse_line(line, i, i + 1, num_classes) for i, line in enumerate(lines)]
     result = VideoList(
