@@ -191,3 +191,52 @@ def test_opencv_environment_options_enter_the_signature(monkeypatch):
     assert "OPENCV_FFMPEG_CAPTURE_OPTIONS" not in before
     assert after["OPENCV_FFMPEG_CAPTURE_OPTIONS"] == "threads;4"
     assert after != before
+
+
+def convert_by_hand(path, interpolation: str) -> list[np.ndarray]:
+    """FFmpeg's own conversion of every decoded frame to RGB24 with swscale ``interpolation``
+    (``FAST_BILINEAR``: the original's ``sws_getContext(..., SWS_FAST_BILINEAR)``)."""
+    import av
+
+    with av.open(str(path)) as container:
+        return [
+            f.to_ndarray(format="rgb24", interpolation=interpolation, threads=1)
+            for f in container.decode(video=0)
+        ]
+
+
+def max_level_error(frames: dict[int, np.ndarray], reference: list[np.ndarray]) -> int:
+    assert len(frames) == len(reference)
+    return max(
+        int(np.abs(frames[k].astype(np.int16) - ref.astype(np.int16)).max())
+        for k, ref in enumerate(reference)
+    )
+
+
+# What docs/evaluating.md states: the PyAV backend is FFmpeg's FAST_BILINEAR conversion on every
+# format; OpenCV's reader converts with bicubic chroma, the same on 8-bit 4:2:0 / 4:2:2 (swscale
+# converts those without filtering), not on 4:4:4 (FAST_BILINEAR halves the chroma
+# horizontally there, as the original's FFmpeg did) nor on 10-bit video.
+COLOUR_FORMATS = ["yuv420p", "yuv422p", "yuv444p", "yuv420p10le", "yuv444p10le"]
+
+
+@pytest.mark.skipif("pyav" not in BACKENDS, reason="PyAV (optional extra 'pyav') not installed")
+@pytest.mark.parametrize("pix_fmt", COLOUR_FORMATS)
+def test_what_each_backend_colour_conversion_matches(pix_fmt, tmp_path):
+    reason = h264_unavailable_reason(pix_fmt)
+    if reason:
+        pytest.skip(reason)
+    # lossless coding keeps the synthetic pattern's sharp colour edges, where conversions differ
+    path = write_h264_video(tmp_path / "v.mp4", 4, 320, 240, pix_fmt=pix_fmt, options={"qp": "0"})
+    fast_bilinear = convert_by_hand(path, "FAST_BILINEAR")
+    pyav = decode_video(path, "pyav", memory_budget=None).frames
+    assert max_level_error(pyav, fast_bilinear) == 0
+    opencv = decode_video(path, "opencv", memory_budget=None).frames
+    error = max_level_error(opencv, fast_bilinear)
+    if pix_fmt in ("yuv420p", "yuv422p"):
+        assert error == 0
+    elif pix_fmt == "yuv444p":
+        assert error > 100  # chroma edges FAST_BILINEAR blurs and bicubic keeps
+        assert max_level_error(opencv, convert_by_hand(path, "BICUBIC")) == 0
+    else:  # 10-bit: neither FAST_BILINEAR nor this FFmpeg's bicubic, exactly
+        assert error > 0
