@@ -240,3 +240,34 @@ def test_what_each_backend_colour_conversion_matches(pix_fmt, tmp_path):
         assert max_level_error(opencv, convert_by_hand(path, "BICUBIC")) == 0
     else:  # 10-bit: neither FAST_BILINEAR nor this FFmpeg's bicubic, exactly
         assert error > 0
+
+
+@needs_h264
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_commands_agree_on_a_damaged_file(damaged, backend, tmp_path, capsys):
+    """From the command line: vnl-test with --workers 0 and 2 records the same N and bitwise
+    the same scores, and vnl-predict prints that N."""
+    import h5py
+    from eval_helpers import write_checkpoint
+
+    from nonlocal_net.tools.predict_video import main as predict
+    from nonlocal_net.tools.test_net_video import main as test
+
+    checkpoint = write_checkpoint(tmp_path / "small.pt", small_cfg(["TEST.NUM_TEST_CLIPS", "6"]))
+    list_file = write_list_file(tmp_path / "val.txt", [(str(damaged), 1)])
+    n = decode_video(damaged, backend, memory_budget=None).num_frames
+    runs = []
+    for workers in (0, 2):
+        results = tmp_path / f"results_{workers}.h5"
+        args = ["--weights", checkpoint, "--list", list_file, "--results", results]
+        args += ["--backend", backend, "--workers", workers, "--no-progress"]
+        assert test([str(a) for a in args]) == 0
+        with h5py.File(results, "r") as f:
+            runs.append((f["videos/num_frames"][()].tolist(), f["views/scores"][()]))
+    assert runs[0][0] == runs[1][0] == [n]
+    assert np.array_equal(runs[0][1], runs[1][1])
+    capsys.readouterr()
+    args = [str(damaged), "--weights", str(checkpoint), "--backend", backend]
+    assert predict(args) == 0
+    assert capsys.readouterr().out.startswith(f"{damaged}: {n} frames")
