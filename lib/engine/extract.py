@@ -48,7 +48,7 @@ from ..utils.numeric import finite_rows
 from .distributed import init_distributed, shard
 from .evaluator import default_batch_size, model_fingerprint
 from .inference import prepare_for_inference
-from .layer_taps import POOL5, FeatureTap, feature_dim, layer_names
+from .layer_taps import POOL5, FeatureTap, check_layer, feature_dim, layer_names
 from .results import RESULTS_FORMAT, ResultsError, ResultsStore, VideoRecord
 
 __all__ = ["FEATURES_KIND", "extract_features", "is_features_file", "layer_names"]
@@ -177,15 +177,11 @@ def _extract(
             raise ValueError("extract_features() needs weights (a converted .pt file) or a model")
         model = load_model(weights, split="test", overrides=overrides)
     cfg = model.cfg
-    if layer not in layer_names(model):
-        raise ValueError(
-            f"unknown layer {layer!r}: use pool5 or a module name such as res4, res5.2 or "
-            f"res4.nonlocal_5 (vnl-extract --list-layers prints them all)"
-        )
+    check_layer(model, layer, precision, compile)
     protocol = TestProtocol.from_cfg(cfg)
     dim = feature_dim(cfg, layer, protocol)
     fingerprint = model_fingerprint(model)  # of the weights as given, before any folding
-    model = prepare_for_inference(model, ctx.device, precision, compile)
+    model = prepare_for_inference(model, ctx.device, precision, compile, record_layers=[layer])
     features = FeatureTap(model, layer)
     batch_size = batch_size or default_batch_size(cfg)
     vlist = read_video_list(list_file, data_root, num_classes=cfg.MODEL.NUM_CLASSES)

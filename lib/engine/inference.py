@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Sequence
 from functools import lru_cache
 
 import torch
@@ -38,7 +39,9 @@ __all__ = [
     "add_precision_arguments",
     "cpu_bf16_supported",
     "prepare_for_inference",
+    "probe",
     "resolve_device",
+    "supported_precisions",
     "warm_up",
 ]
 
@@ -52,6 +55,7 @@ FAST_DTYPES = {
     "fp16": torch.float16,
 }
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+PROBE_CROP = 224  # the crop of the probe clip (see probe_clip)
 
 
 class PrecisionError(ValueError):
@@ -119,6 +123,7 @@ def prepare_for_inference(
     *,
     channels_last: bool = True,
     allow_tf32: bool = False,
+    record_layers: Sequence[str] = (),
 ) -> nn.Module:
     """Return the model to run for inference in ``precision`` on ``device``.
 
@@ -128,6 +133,15 @@ def prepare_for_inference(
     bf16/fp16, routed CPU convs, optionally compiled) with the same ``cfg``, ``split``,
     ``forward_features`` and ``forward_head``; its outputs are float32 or the mode's dtype
     (callers take ``.float()``). The returned model carries ``inference_precision``.
+
+    ``record_layers``: module names whose outputs the caller will record (``vnl-extract
+    --layer``); the unit holding each (the stem, a residual or non-local block; see
+    :func:`~nonlocal_net.models.fuse.rewritten_unit`) keeps the original's modules, unfolded and
+    unfused, cast to the mode's dtype. Every other unit is rewritten as usual.
+
+    A fast mode is first run once on one clip of the network's own size (:func:`probe`): a mode
+    whose operators this device cannot run is refused with :class:`PrecisionError` here, before
+    a caller creates any output.
     """
     device = resolve_device(device)
     check_precision(precision, device, compile)
@@ -141,12 +155,15 @@ def prepare_for_inference(
             torch.backends.cuda.matmul.allow_tf32 = allow_tf32
             torch.backends.cudnn.allow_tf32 = allow_tf32
         model.inference_precision = precision
+        model.kept_units = None  # every unit is the original's
+        model.inference_compiled = False
         return model
 
     dtype = FAST_DTYPES.get(precision, torch.float32)
+    keep = frozenset(u for u in (fuse.rewritten_unit(model, n) for n in record_layers) if u)
     fast = copy.deepcopy(model).eval().requires_grad_(False)
-    folded = fuse.fold_norms(fast)
-    sdpa = fuse.use_sdpa_nonlocal(fast)
+    folded = fuse.fold_norms(fast, keep)
+    sdpa = fuse.use_sdpa_nonlocal(fast, keep)
     reduced = dtype != torch.float32
     if reduced:
         fuse.pad_stem_channels(fast)
@@ -159,26 +176,86 @@ def prepare_for_inference(
     fast.to(device=device, dtype=dtype, memory_format=memory_format)
     fast.pred = nn.Sequential(fuse.CastTo(torch.float32), pred.to(device=device))
     fast.conv1 = nn.Sequential(fuse.CastTo(dtype, memory_format), fast.conv1)
+    if reduced and device.type == "cpu" and isinstance(getattr(fast, "pool5", None), nn.Module):
+        # PyTorch has no reduced-precision avg_pool3d on the CPU; pool5 averages in float32
+        # (what the classifier reads anyway)
+        fast.pool5 = nn.Sequential(fuse.CastTo(torch.float32), fast.pool5)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
         torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    fast.inference_precision = precision
+    fast.kept_units = keep
+    fast.inference_compiled = compile
+    probe(fast, device, precision)
     if compile:
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = True
         # forward() calls self.forward_features, so both entry points run compiled
         fast.forward_features = torch.compile(fast.forward_features)
-    fast.inference_precision = precision
     logger.info(
-        "precision %s: %d norms folded, %d non-local blocks on SDPA, %s%s%s",
+        "precision %s: %d norms folded, %d non-local blocks on SDPA, %s%s%s%s",
         precision,
         folded,
         sdpa,
         dtype,
         ", stem padded 3->8" if reduced else "",
+        f", kept as the original's: {', '.join(sorted(keep))}" if keep else "",
         ", compiled on the first batch" if compile else "",
     )
     return fast
+
+
+def probe_clip(model: nn.Module) -> torch.Tensor | None:
+    """One clip of the smallest size ``model`` accepts (``TRAIN.VIDEO_LENGTH`` frames, 224x224:
+    the val head's size, the smallest pool5 of the test head takes); None without a ``cfg``."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is None:
+        return None
+    length = int(cfg.TRAIN.VIDEO_LENGTH)
+    return torch.randn(
+        1, 3, length, PROBE_CROP, PROBE_CROP, generator=torch.Generator().manual_seed(0)
+    )
+
+
+def probe(model: nn.Module, device: torch.device, precision: str) -> None:
+    """Run a prepared fast ``model`` once on :func:`probe_clip`; refuse the mode when one of
+    its operators is not implemented on ``device`` (:class:`PrecisionError`, one line).
+
+    This is what decides whether a mode runs here: a CPU flag or a CUDA capability says what
+    the hardware has, not whether every operator of this network has a kernel for the dtype
+    (PyTorch's CPU ``avg_pool3d`` has none for bfloat16, for instance). Models without a
+    ``cfg`` (no known clip size) are not probed.
+    """
+    clip = probe_clip(model)
+    if clip is None:
+        return
+    try:
+        with torch.inference_mode():
+            out = model(clip.to(device))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+    except (RuntimeError, NotImplementedError) as e:  # a missing kernel, an unsupported dtype
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        other = "strict" if precision == "fp32" else "fp32"
+        raise PrecisionError(
+            f"precision {precision} cannot run this network on {device}: a one-clip probe "
+            f"failed ({reason}); use {other}"
+        ) from e
+    del out
+
+
+def supported_precisions(model: nn.Module, device: str | torch.device | None = None) -> list[str]:
+    """The modes ``prepare_for_inference(model, device, mode)`` accepts here (each probed)."""
+    device = resolve_device(device)
+    modes = ["strict"]
+    for precision in PRECISIONS[1:]:
+        try:
+            prepare_for_inference(model, device, precision)
+        except PrecisionError:
+            continue
+        modes.append(precision)
+    return modes
 
 
 def warm_up(model: nn.Module, example: torch.Tensor) -> float:

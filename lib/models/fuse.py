@@ -6,6 +6,10 @@ are applied by :func:`nonlocal_net.engine.inference.prepare_for_inference` for t
 modes ``fp32``/``tf32``/``bf16``/``fp16``, never for ``strict`` and never by the parity or
 ``vnl-verify`` paths, which keep the original's operator sequence.
 
+* :func:`rewritten_unit` names the unit (the stem, a residual block, a non-local block) whose
+  rewrite changes what a module inside it outputs; every rewrite below leaves the units it is
+  told to ``keep`` in the original's form, so that a recorded layer (``vnl-extract --layer``)
+  inside one is the original's module computing the original's operators.
 * :func:`fold_norms` folds every SpatialBN (running statistics, eval mode) and every frozen
   AffineNd into the conv before it: ``bn(conv(x)) = conv'(x)`` with ``w' = w * s``,
   ``b' = b * s + t`` for ``s = gamma / sqrt(var + eps)``, ``t = beta - mean * s`` (the fold is
@@ -37,6 +41,8 @@ from .nonlocal_helper import NonLocalBlock
 from .resnet_helper import ResidualBlock3d
 
 __all__ = [
+    "STEM_NAMES",
+    "STEM_UNIT",
     "CastTo",
     "FusedConv3d",
     "FusedResidualBlock3d",
@@ -49,11 +55,33 @@ __all__ = [
     "folded_conv",
     "fuse_cpu_pointwise",
     "pad_stem_channels",
+    "rewritten_unit",
     "route_cpu_convs",
     "use_sdpa_nonlocal",
 ]
 
 STEM_CHANNELS = 8
+# the stem's modules: conv1 + res_conv1_bn are folded and the ReLU becomes conv1's post-op
+STEM_NAMES = ("conv1", "res_conv1_bn", "relu")
+STEM_UNIT = "stem"  # the unit name of the stem (no module of a ResNetVideo has this name)
+
+
+def rewritten_unit(model: nn.Module, name: str) -> str | None:
+    """The unit whose fast-path rewrite changes what module ``name`` of ``model`` outputs.
+
+    ``STEM_UNIT`` for the stem's modules; for a module strictly inside a residual or non-local
+    block (``res2.0.branch2a``, ``res4.1.relu``, ``res3.nonlocal_1.out``), that block's name;
+    ``None`` for a module whose output every rewrite keeps (a block, a stage, a pool).
+    """
+    if name in STEM_NAMES:
+        return STEM_UNIT
+    parts = name.split(".")
+    modules = dict(model.named_modules())
+    for end in range(1, len(parts)):
+        prefix = ".".join(parts[:end])
+        if isinstance(modules.get(prefix), ResidualBlock3d | NonLocalBlock):
+            return prefix
+    return None
 
 
 def folded_conv(conv: nn.Conv3d, norm: nn.Module) -> nn.Conv3d:
@@ -100,18 +128,21 @@ def _fold_pair(parent: nn.Module, conv_name: str, norm_name: str) -> int:
     return 1
 
 
-def fold_norms(model: nn.Module) -> int:
+def fold_norms(model: nn.Module, keep: frozenset[str] = frozenset()) -> int:
     """Fold every BN/affine of ``model`` into its conv, in place; returns how many were folded.
 
     Covers the stem (``conv1`` + ``res_conv1_bn``), the four conv/norm pairs of every residual
-    block, and the ``out`` conv + ``bn`` of every non-local block.
+    block, and the ``out`` conv + ``bn`` of every non-local block; the units named in ``keep``
+    (:func:`rewritten_unit`) are left unfolded.
     """
     if model.training:
         raise ValueError("fold_norms needs an eval-mode model (BN with running statistics)")
     count = 0
-    if hasattr(model, "conv1") and hasattr(model, "res_conv1_bn"):
+    if STEM_UNIT not in keep and hasattr(model, "conv1") and hasattr(model, "res_conv1_bn"):
         count += _fold_pair(model, "conv1", "res_conv1_bn")
-    for module in list(model.modules()):
+    for name, module in list(model.named_modules()):
+        if name in keep:
+            continue
         if isinstance(module, ResidualBlock3d):
             for conv_name in ("branch2a", "branch2b", "branch2c", "branch1"):
                 count += _fold_pair(module, conv_name, conv_name + "_bn")
@@ -208,11 +239,12 @@ class SDPANonLocalBlock(NonLocalBlock):
         return z
 
 
-def use_sdpa_nonlocal(model: nn.Module) -> int:
-    """Switch every embedded-Gaussian non-local block of ``model`` to SDPA, in place."""
+def use_sdpa_nonlocal(model: nn.Module, keep: frozenset[str] = frozenset()) -> int:
+    """Switch every embedded-Gaussian non-local block of ``model`` to SDPA, in place (except
+    the blocks named in ``keep``)."""
     count = 0
-    for module in model.modules():
-        if type(module) is NonLocalBlock and module.use_softmax:
+    for name, module in model.named_modules():
+        if type(module) is NonLocalBlock and module.use_softmax and name not in keep:
             module.__class__ = SDPANonLocalBlock
             count += 1
     return count
