@@ -10,12 +10,14 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from ..utils.device import default_device
 
 __all__ = ["DistContext", "init_distributed", "shard"]
 
@@ -56,6 +58,36 @@ class DistContext:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def on_main(
+        self,
+        step: Callable[[], T],
+        refusals: tuple[type[BaseException], ...] = (OSError, ValueError),
+    ) -> T:
+        """Run ``step`` on the main process only and hand its result to every process.
+
+        The one "claim, broadcast, refuse" of the package: checking and locking outputs,
+        preparing a results folder, anything one process must decide for all. An exception of
+        ``refusals`` (an output that is an input, a held lock, a results folder of another run)
+        is raised on every process, so all of them stop with the same one-line error instead of
+        the others waiting forever; any other exception (a bug) is raised on the main process
+        only, with its traceback. Example (the trainer's claim of its output folder)::
+
+            ctx.on_main(lambda: held.enter_context(run_lock(output_dir)))
+        """
+        verdict: Any = None
+        if self.is_main:
+            try:
+                verdict = ("ok", step())
+            except refusals as e:
+                verdict = ("refused", e)
+        verdict = self.broadcast(verdict)
+        if verdict is None:  # an exchange that hands this process its own value
+            return None  # type: ignore[return-value]
+        kind, value = verdict
+        if kind == "refused":
+            raise value
+        return value
+
     def all_gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order, on every rank."""
         if not self.distributed:
@@ -70,21 +102,12 @@ class DistContext:
             self.owns_group = False
 
 
-def _pick_device(requested: str | None, local_rank: int) -> torch.device:
-    if requested in (None, "auto"):
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device(f"cuda:{local_rank}")
-    return device
-
-
-def init_distributed(device: str | None = None) -> DistContext:
+def init_distributed(device: str | torch.device | None = None) -> DistContext:
     """Join the process group torchrun describes (``WORLD_SIZE > 1``), or a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = _pick_device(device, local_rank)
+    dev = default_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     ctx = DistContext(rank, world_size, local_rank, dev)

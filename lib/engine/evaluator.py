@@ -10,34 +10,22 @@ throughput. Per-view scores can be kept in a crash-safe, resumable HDF5 file
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
 import os
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..core.config import cfg_to_dict
-from ..datasets.decoders import available_backends
 from ..datasets.protocol import TestProtocol
-from ..datasets.stream import (
-    VideoItem,
-    ViewChunk,
-    view_loader,
-)
 from ..datasets.video_list import VideoList, read_video_list
-from ..models.model_builder import load_model
-from ..utils.io import atomic_write, check_destination
-from ..utils.lock import output_lock
-from .distributed import DistContext, init_distributed, shard
-from .inference import PRECISIONS, prepare_for_inference
+from ..utils.io import atomic_write
+from .distributed import DistContext, init_distributed
 from .metrics import VideoOutcome, compute_report, video_outcome
 from .results import (
     ResultsError,
@@ -47,8 +35,21 @@ from .results import (
     iter_result_records,
     read_list_entries,
 )
+from .runner import InferenceOptions, InferenceRunner, default_batch_size, run_views
+from .runner_setup import (
+    Destination,
+    claim_outputs,
+    load_test_model,
+    model_fingerprint,
+    my_items,
+    package_version,
+    prepare_model,
+    read_entries,
+    refuse_outputs,
+)
 
 __all__ = [
+    "ClassScores",
     "EvalOptions",
     "default_batch_size",
     "evaluate",
@@ -58,22 +59,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 of the model's state (names, dtypes, shapes, values): identifies the weights."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def default_batch_size(cfg) -> int:
-    """The original's per-GPU test batch, ``TEST.BATCH_SIZE / NUM_GPUS`` (8 for the 8-GPU
-    configs, 2 for the affine 32x4/128x1 models)."""
-    return max(1, cfg.TEST.BATCH_SIZE // max(1, cfg.NUM_GPUS))
 
 
 def _errors_of(vlist: VideoList, records: Iterable[tuple[int, str]]) -> list[dict]:
@@ -126,136 +111,67 @@ def _throughput(stats: list[dict]) -> dict:
     }
 
 
-class _Run:
-    """One process's share of an evaluation: stream chunks, score them, record videos."""
+class ClassScores:
+    """What the evaluation collects per view: the test-split model's class scores."""
 
-    def __init__(
-        self, model, protocol, device, labels, num_classes, writer, progress: bool
-    ) -> None:
+    def __init__(self, model: torch.nn.Module, num_classes: int) -> None:
         self.model = model
-        self.num_classes = num_classes
-        self.protocol = protocol
-        self.device = device
-        self.labels = labels
-        self.writer = writer
-        self.progress = progress
-        self.pending: dict[int, tuple[list[int], list[np.ndarray]]] = {}
-        self.outcomes: dict[int, VideoOutcome] = {}
-        self.decode_errors: list[tuple[int, str]] = []
-        self.stats = dict.fromkeys(
-            ("videos", "views", "decode_seconds", "prepare_seconds", "model_seconds"), 0
-        )
-        self.stats.update(wait_seconds=0.0, wall_seconds=0.0, startup_seconds=0.0)
+        self.width = num_classes
 
-    def score(self, views: torch.Tensor) -> np.ndarray:
-        """Per-view scores of uint8 views, normalised on the device."""
-        start = time.perf_counter()
+    def __call__(self, pixels: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
-            pixels = views.to(self.device, non_blocking=True).float()
-            out = self.model(self.protocol.normalise_(pixels))
+            out = self.model(pixels)
         scores = out.float().cpu().numpy()
-        self.stats["model_seconds"] += time.perf_counter() - start
-        if scores.shape != (views.shape[0], self.num_classes):
-            raise RuntimeError(
-                f"the model returned {tuple(out.shape)} for {views.shape[0]} views; expected "
-                f"({views.shape[0]}, {self.num_classes}): is it the test-split model?"
+        if scores.shape != (pixels.shape[0], self.width):
+            raise ValueError(
+                f"the model returned {tuple(out.shape)} for {pixels.shape[0]} views; expected "
+                f"({pixels.shape[0]}, {self.width}): is it the test-split model?"
             )
         return scores
 
-    def finish_video(self, record: VideoRecord) -> None:
+    def finish(self, record: VideoRecord) -> VideoRecord:
+        return record
+
+
+class _Outcomes:
+    """The evaluation's sink: every finished video to the part writer (if any) and scored."""
+
+    def __init__(self, labels: Sequence[int], views_per_video: int, writer) -> None:
+        self.labels = labels
+        self.views_per_video = views_per_video
+        self.writer = writer
+        self.outcomes: dict[int, VideoOutcome] = {}
+        self.decode_errors: list[tuple[int, str]] = []
+
+    def __call__(self, record: VideoRecord) -> None:
         if self.writer is not None:
             self.writer.add(record)
-        self.outcomes[record.video_id] = video_outcome(
-            record.video_id,
-            self.labels[record.video_id],
-            record.view_ids,
-            record.scores,
-            self.protocol.num_views,
+        vid = record.video_id
+        self.outcomes[vid] = video_outcome(
+            vid, self.labels[vid], record.view_ids, record.scores, self.views_per_video
         )
-        self.stats["videos"] += 1
-        self.stats["views"] += record.num_views
-
-    def handle(self, chunk: ViewChunk, where: str) -> bool:
-        """Process one chunk; True when it completed a video."""
-        vid = chunk.video_id
-        if chunk.error:
-            logger.error("video %d (%s) has no views: %s", vid, where, chunk.error)
-            self.decode_errors.append((vid, chunk.error))
-            empty = np.zeros((0, self.num_classes), np.float32)
-            self.finish_video(VideoRecord(vid, np.zeros(0, np.int16), empty, error=chunk.error))
-            return True
-        scores = self.score(chunk.views)
-        self.stats["prepare_seconds"] += chunk.prepare_seconds
-        ids, rows = self.pending.setdefault(vid, ([], []))
-        ids.extend(chunk.view_ids)
-        rows.append(scores)
-        if not chunk.last:
-            return False
-        del self.pending[vid]
-        meta = chunk.meta
-        self.stats["decode_seconds"] += meta.decode_seconds + meta.resize_seconds
-        self.finish_video(
-            VideoRecord(
-                vid,
-                np.asarray(ids, dtype=np.int16),
-                np.concatenate(rows).astype(np.float32, copy=False),
-                meta.num_frames,
-                meta.height,
-                meta.width,
-            )
-        )
-        return True
-
-    def run(self, loader: Iterable[ViewChunk], total: int, vlist: VideoList) -> None:
-        start = time.perf_counter()
-        bar = tqdm(total=total, unit="video", disable=not self.progress, dynamic_ncols=True)
-        try:
-            iterator = iter(loader)
-            while True:
-                t0 = time.perf_counter()
-                chunk = next(iterator, None)
-                self.stats["wait_seconds"] += time.perf_counter() - t0
-                if chunk is None:
-                    break
-                if not self.stats["startup_seconds"]:  # workers started, first video decoded
-                    self.stats["startup_seconds"] = time.perf_counter() - start
-                if self.handle(chunk, vlist.where(vlist.entries[chunk.video_id])):
-                    bar.update(1)
-                    elapsed = time.perf_counter() - start
-                    bar.set_postfix(clips_s=f"{self.stats['views'] / max(elapsed, 1e-9):.1f}")
-        finally:
-            bar.close()
-            if self.writer is not None:
-                self.writer.flush()  # finished videos survive an exception or Ctrl-C
-            self.stats["wall_seconds"] = time.perf_counter() - start
-        if self.pending:
-            raise RuntimeError(f"videos {sorted(self.pending)} ended without their last views")
+        if record.error:
+            self.decode_errors.append((vid, record.error))
 
 
-def _header(
-    vlist, num_entries, cfg, fingerprint, protocol, weights, backend, data_root, channels_last
-) -> dict:
+def _header(vlist, entries, cfg, fingerprint, protocol, weights, opts: EvalOptions) -> dict:
+    """What a results file records about its run (compared on ``--resume``)."""
     return {
         "list_file": os.path.abspath(vlist.source),
         "list_sha256": vlist.sha256,
-        "num_entries": num_entries,
-        "data_root": os.fspath(data_root) if data_root is not None else None,
+        "num_entries": len(entries),
+        "data_root": os.path.abspath(opts.data_root) if opts.data_root is not None else None,
         "weights": os.path.abspath(os.fspath(weights)) if weights is not None else None,
         "model_fingerprint": fingerprint,
         "cfg": cfg_to_dict(cfg),
         "num_classes": int(cfg.MODEL.NUM_CLASSES),
         "views_per_video": protocol.num_views,
         "protocol": asdict(protocol),
-        "backend": backend,
-        "channels_last": bool(channels_last),
-        "version": _version(),
+        "backend": opts.backend,
+        "channels_last": bool(opts.channels_last),
+        "precision": opts.precision,
+        "version": package_version(),
     }
-
-
-def _version() -> str:
-    from ..version import __version__
-
-    return __version__
 
 
 def _check_report_path(report_path, results) -> str | None:
@@ -285,72 +201,19 @@ def write_report(path: str | os.PathLike, report: Mapping) -> None:
 
 
 @dataclass
-class EvalOptions:
-    """How :func:`evaluate` runs (everything but the list, the weights and the model).
+class EvalOptions(InferenceOptions):
+    """How :func:`evaluate` runs (everything but the list, the weights and the model): the
+    settings of :class:`.runner.InferenceOptions` plus
 
     ``results``: HDF5 file of per-view scores (crash-safe; ``resume`` continues an interrupted
     run, ``overwrite`` starts again and allows replacing a file that is not a results file).
     ``report_path``: JSON report (default ``<results>.report.json`` when ``results`` is given).
-    ``batch_size``: views per forward pass (default ``TEST.BATCH_SIZE / NUM_GPUS``, the
-    original's per-GPU batch); batches never mix videos. ``limit``: only the first ``limit``
-    list entries (and the metrics over those). ``channels_last`` / ``allow_tf32``: see
-    :func:`.inference.prepare_for_inference`; a resumed run must use the same decoding
-    ``backend`` and ``channels_last`` as the run it continues. ``precision`` / ``compile``: see
-    :func:`.inference.prepare_for_inference` (``strict``, the default, is the original's
-    arithmetic); recorded in the results file and the report, and a resumed run must use the
-    same mode. ``workers`` decoding processes are started
-    with ``mp_context`` ("spawn": a script that calls :func:`evaluate` at import time needs the
-    usual ``if __name__ == "__main__":`` guard). ``flush_every`` videos or ``flush_seconds``
-    seconds per results part; ``decode_memory_mb``: RGB frames a worker keeps from one decode.
+    A resumed run must use the same list, weights, data root, decoding ``backend``,
+    ``channels_last`` and ``precision`` as the run it continues.
     """
 
-    overrides: Sequence[str] = ()
-    data_root: str | os.PathLike | None = None
     results: str | os.PathLike | None = None
-    resume: bool = False
-    overwrite: bool = False
     report_path: str | os.PathLike | None = None
-    batch_size: int | None = None
-    workers: int = 2
-    limit: int | None = None
-    backend: str = "opencv"
-    device: str | None = None
-    flush_every: int = 16
-    flush_seconds: float = 60.0
-    decode_memory_mb: int = 1024
-    progress: bool = True
-    allow_tf32: bool = False
-    channels_last: bool = True
-    mp_context: str = "spawn"
-    precision: str = "strict"
-    compile: bool = False
-
-    def validate(self) -> None:
-        """Refuse values no run can use (``ValueError`` naming the option)."""
-        checks = (
-            ("batch_size", self.batch_size is None or _int_at_least(self.batch_size, 1)),
-            ("workers", _int_at_least(self.workers, 0)),
-            ("limit", self.limit is None or _int_at_least(self.limit, 0)),
-            ("flush_every", _int_at_least(self.flush_every, 1)),
-            ("decode_memory_mb", _int_at_least(self.decode_memory_mb, 1)),
-            (
-                "flush_seconds",
-                isinstance(self.flush_seconds, (int, float))
-                and math.isfinite(self.flush_seconds)
-                and self.flush_seconds > 0,
-            ),
-        )
-        for name, ok in checks:
-            if not ok:
-                raise ValueError(f"invalid {name}: {getattr(self, name)!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"invalid precision: {self.precision!r} (one of {PRECISIONS})")
-        if self.resume and self.overwrite:
-            raise ValueError("resume and overwrite exclude each other")
-
-
-def _int_at_least(value: Any, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 def evaluate(
@@ -368,8 +231,10 @@ def evaluate(
     Returns the report (also written as JSON to ``options.report_path``): the original's
     metrics (:func:`.metrics.compute_report`, failed views included), ``errors`` (bad list
     lines and undecodable videos with ``file:line``), ``throughput`` (videos/s, clips/s, decode
-    share) and the run's settings. The results and report files are locked for the run (a
-    second writer is refused) and must not be any input. Under ``torchrun`` the videos are
+    share) and the run's settings. A run with no views (``limit=0``, an empty list, only
+    undecodable videos) gives a valid report with ``num_views`` 0 (and a results file with no
+    rows). The results and report files are locked for the run (a second writer is refused)
+    and must not be any input, listed videos included. Under ``torchrun`` the videos are
     sharded across the processes; every process returns the same report.
     """
     opts = replace(options or EvalOptions(), **changes)
@@ -393,136 +258,71 @@ def is_report_file(path: str) -> bool:
     return isinstance(data, dict) and "top1_accuracy" in data and "num_entries" in data
 
 
-def _claim_outputs(held, list_file, weights, results, report, data_root, overwrite) -> None:
-    """Refuse outputs that are inputs or foreign files, then lock them for this run."""
-    inputs = [list_file, weights]
+def _destinations(results, report_path) -> list[Destination]:
+    found = []
     if results is not None:
-        check_destination(
-            results,
-            inputs,
-            what="results file",
-            is_own_output=is_results_file,
-            replace_foreign=overwrite,
-        )
-    if report is not None:
-        check_destination(
-            report,
-            [*inputs, results],
-            what="report file",
-            is_own_output=is_report_file,
-            replace_foreign=overwrite,
-        )
-    held.enter_context(output_lock(results, report))
+        found.append(Destination(os.fspath(results), "results file", is_results_file))
+    if report_path is not None:
+        found.append(Destination(os.fspath(report_path), "report file", is_report_file))
+    return found
 
 
 def _evaluate(
     ctx: DistContext, held: contextlib.ExitStack, list_file, weights, model, opts: EvalOptions
 ) -> dict:
-    overrides, data_root, results = opts.overrides, opts.data_root, opts.results
-    resume, overwrite, batch_size = opts.resume, opts.overwrite, opts.batch_size
-    workers, limit, backend = opts.workers, opts.limit, opts.backend
-    report_path = _check_report_path(opts.report_path, results)
-    claimed: Any = None
-    if ctx.is_main:
-        try:
-            _claim_outputs(held, list_file, weights, results, report_path, data_root, overwrite)
-        except OSError as e:
-            claimed = e
-    claimed = ctx.broadcast(claimed)
-    if claimed is not None:
-        raise claimed if isinstance(claimed, OSError) else ResultsError(str(claimed))
-    if backend not in available_backends():
-        raise ValueError(
-            f"video backend {backend!r} is not available (have {available_backends()})"
-        )
-    if model is None:
-        if weights is None:
-            raise ValueError("evaluate() needs weights (a converted .pt file) or a model")
-        model = load_model(weights, split="test", overrides=overrides)
-    elif overrides:
-        raise ValueError("overrides apply to weights loaded from a file, not to a given model")
+    report_path = _check_report_path(opts.report_path, opts.results)
+    outputs = _destinations(opts.results, report_path)
+    inputs = [list_file, weights]
+    model = load_test_model(weights, model, opts.overrides, opts.backend, "evaluate")
     cfg = model.cfg
-    fingerprint = model_fingerprint(model)  # of the weights as given, before any folding
-    model = prepare_for_inference(
-        model,
-        ctx.device,
-        opts.precision,
-        opts.compile,
-        channels_last=opts.channels_last,
-        allow_tf32=opts.allow_tf32,
-    )
+    vlist, entries = read_entries(list_file, opts.data_root, cfg, opts.limit)
+    ctx.on_main(lambda: refuse_outputs(outputs, inputs, vlist, opts.overwrite))
+    model, fingerprint = prepare_model(model, ctx.device, opts)
     protocol = TestProtocol.from_cfg(cfg)
-    batch_size = batch_size or default_batch_size(cfg)
-    vlist = read_video_list(list_file, data_root, num_classes=cfg.MODEL.NUM_CLASSES)
-    num_entries = len(vlist) if limit is None else min(limit, len(vlist))
-    entries = vlist.entries[:num_entries]
+    batch_size = opts.batch_size or default_batch_size(cfg)
     labels = [e.label for e in entries]
-    header = _header(
-        vlist,
-        num_entries,
-        cfg,
-        fingerprint,
-        protocol,
-        weights,
-        backend,
-        data_root,
-        opts.channels_last,
-    )
-    header["precision"] = opts.precision
-
-    store = ResultsStore(results, header) if results is not None else None
-    complete, done = store.prepare_on_main(ctx, resume, overwrite) if store else (False, set())
-
-    todo = [] if complete else [e for e in entries if e.ok and e.video_id not in done]
-    mine = shard(todo, ctx.rank, ctx.world_size)
-    items = [VideoItem(e.video_id, vlist.resolve(e)) for e in mine]
+    header = _header(vlist, entries, cfg, fingerprint, protocol, weights, opts)
+    store = ResultsStore(opts.results, header) if opts.results is not None else None
+    prepare = (lambda: store.prepare(opts.resume, opts.overwrite)) if store else None
+    state = claim_outputs(ctx, held, outputs, inputs, vlist, opts.overwrite, then=prepare)
+    complete, done = state if store else (False, set())
+    num_todo, items = my_items([] if complete else entries, vlist, done, ctx)
     logger.info(
         "%d list entries, %d to evaluate (%d on this process), %d views each, batch %d, "
         "%d workers, %s decoder, device %s",
-        num_entries,
-        len(todo),
+        len(entries),
+        num_todo,
         len(items),
         protocol.num_views,
         batch_size,
-        workers,
-        backend,
+        opts.workers,
+        opts.backend,
         ctx.device,
     )
-    writer = (
-        store.writer(ctx.rank, cfg.MODEL.NUM_CLASSES, opts.flush_every, opts.flush_seconds)
-        if store is not None and not complete
-        else None
-    )
-    run = _Run(
-        model,
+    writer = store.writer(ctx.rank, opts.flush_every, opts.flush_seconds) if store else None
+    sink = _Outcomes(labels, protocol.num_views, writer if not complete else None)
+    runner = InferenceRunner(
+        ClassScores(model, cfg.MODEL.NUM_CLASSES),
         protocol,
         ctx.device,
-        labels,
-        cfg.MODEL.NUM_CLASSES,
-        writer,
-        opts.progress and ctx.is_main,
+        sink,
+        lambda vid: vlist.where(vlist.entries[vid]),
+        "video" if opts.progress and ctx.is_main else None,
     )
-    if items:
-        loader = view_loader(
-            items,
-            protocol,
-            batch_size,
-            backend,
-            workers=workers,
-            memory_budget=opts.decode_memory_mb << 20,
-            pin_memory=ctx.device.type == "cuda",
-            mp_context=opts.mp_context,
-        )
-        run.run(loader, len(items), vlist)
+    try:
+        stats = run_views(runner, items, batch_size, opts)
+    finally:
+        if sink.writer is not None:
+            sink.writer.flush()  # finished videos survive an exception or Ctrl-C
     ctx.barrier()  # every shard flushed
-    all_stats = ctx.all_gather(run.stats)
+    all_stats = ctx.all_gather(stats)
 
     report: Any = None
     if store is not None:
         if ctx.is_main:
             report = _report_from_store(store, complete, labels, protocol, vlist, all_stats)
     else:
-        gathered = ctx.all_gather((run.outcomes, run.decode_errors))
+        gathered = ctx.all_gather((sink.outcomes, sink.decode_errors))
         if ctx.is_main:
             outcomes: dict[int, VideoOutcome] = {}
             errors: list[tuple[int, str]] = []
@@ -532,11 +332,9 @@ def _evaluate(
             report = _finish_report(labels, outcomes, protocol.num_views, vlist, errors)
             report["throughput"] = _throughput(all_stats)
     if ctx.is_main:
-        report.update(
-            _settings(vlist, weights, results, protocol, batch_size, workers, backend, ctx, limit)
-        )
-        report["precision"] = opts.precision
+        report.update(_settings(vlist, weights, opts, protocol, batch_size, ctx))
         _warn_failed_views(report)
+        _warn_no_views(report)
         if report_path is not None:
             write_report(report_path, report)
             report["report_file"] = os.path.abspath(report_path)
@@ -554,18 +352,30 @@ def _warn_failed_views(report: Mapping) -> None:
         )
 
 
-def _settings(vlist, weights, results, protocol, batch_size, workers, backend, ctx, limit):
+def _warn_no_views(report: Mapping) -> None:
+    if not report.get("num_views"):
+        logger.warning(
+            "no views: nothing was evaluated (%d list entries, %d bad list lines, %d "
+            "undecodable videos); the report has no accuracy",
+            report["num_entries"],
+            report.get("num_bad_list_lines", 0),
+            report.get("num_decode_errors", 0),
+        )
+
+
+def _settings(vlist, weights, opts: EvalOptions, protocol, batch_size, ctx) -> dict:
     return {
         "list_file": os.path.abspath(vlist.source),
         "weights": os.path.abspath(os.fspath(weights)) if weights is not None else None,
-        "results": os.path.abspath(os.fspath(results)) if results is not None else None,
+        "results": os.path.abspath(os.fspath(opts.results)) if opts.results is not None else None,
         "protocol": asdict(protocol),
         "batch_size": batch_size,
-        "workers": workers,
-        "backend": backend,
+        "workers": opts.workers,
+        "backend": opts.backend,
         "device": str(ctx.device),
         "world_size": ctx.world_size,
-        "limit": limit,
+        "limit": opts.limit,
+        "precision": opts.precision,
     }
 
 

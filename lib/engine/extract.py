@@ -1,61 +1,74 @@
-"""Feature extraction for a whole video list (``vnl-extract``), with the evaluation's machinery.
+"""Feature extraction for a whole video list (``vnl-extract``), on the one inference pipeline.
 
 Every listed video is decoded once in DataLoader workers and cut into the original's test views
-(:mod:`..datasets.stream`, as :func:`.evaluator.evaluate`); the model, prepared in a
+(:mod:`.runner`, as :func:`.evaluator.evaluate`); the model, prepared in a
 :func:`.inference.prepare_for_inference` precision mode, gives per view the named layer's output
 averaged over its space-time positions (``pool5``, the default, is the pooled res5 feature,
-2048 values). Results go through :class:`.results.ResultsStore`, so the output has the same
-crash safety as ``vnl-test``'s (part files written atomically, ``resume``, atomic final merge),
-and ``torchrun`` shards the videos across processes.
+2048 values; :mod:`.layer_taps`). Rows go through :class:`.results.ResultsStore` with the
+features schema, so the output has the crash safety of ``vnl-test``'s results (part files
+written atomically, ``resume``, atomic final merge), and ``torchrun`` shards the videos.
 
-Output file (the results format, ``header.kind = "features"``)::
+Output file (``format = "nonlocal_net/features/v1"``), written in one pass::
 
-    views/scores      float32 (R, D)  the features (also reachable as views/features)
+    views/features    float32 (R, feature_dim)  the features, one row per view (or per video)
     views/video_id    int64   (R,)    video id (list line index) of each row
     views/view_index  int16   (R,)    view 10*ct + j; -1 for a per-video average
     videos/..., list/...              as in vnl-test's results (errors of bad videos included)
-    attrs: header (JSON: kind, layer, per_video, protocol, weights, precision, config, ...)
+    attrs: format; header (JSON: layer, per_video, feature_dim, precision, protocol, weights,
+           model_fingerprint, list, data_root, backend, cfg, version); report (the summary)
+
+A run with no views (``limit=0``, an empty list, only undecodable videos) writes a valid file
+with zero rows and a summary saying so.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
-from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..core.config import cfg_to_dict
-from ..datasets.decoders import available_backends
 from ..datasets.protocol import TestProtocol
-from ..datasets.stream import (
-    VideoItem,
-    view_loader,
-)
-from ..datasets.video_list import read_video_list
-from ..models.model_builder import load_model
-from ..utils.io import check_destination
-from ..utils.lock import output_lock
 from ..utils.numeric import finite_rows
-from .distributed import init_distributed, shard
-from .evaluator import default_batch_size, model_fingerprint
-from .inference import prepare_for_inference
+from .distributed import init_distributed
 from .layer_taps import POOL5, FeatureTap, check_layer, feature_dim, layer_names
-from .results import RESULTS_FORMAT, ResultsError, ResultsStore, VideoRecord
+from .results import (
+    FEATURES_SCHEMA,
+    ResultsStore,
+    VideoRecord,
+    is_store_file,
+    read_results_header,
+)
+from .runner import InferenceOptions, InferenceRunner, default_batch_size, run_views
+from .runner_setup import (
+    Destination,
+    claim_outputs,
+    load_test_model,
+    my_items,
+    package_version,
+    prepare_model,
+    read_entries,
+    refuse_outputs,
+)
 
-__all__ = ["FEATURES_KIND", "extract_features", "is_features_file", "layer_names"]
+__all__ = [
+    "FEATURES_FORMAT",
+    "ExtractOptions",
+    "LayerFeatures",
+    "extract_features",
+    "is_features_file",
+    "layer_names",
+]
 
 logger = logging.getLogger(__name__)
 
-FEATURES_KIND = "nonlocal_net/features/v1"
+FEATURES_FORMAT = FEATURES_SCHEMA.format
 # the error text of a video some of whose views had NaN/Inf features (those rows not written);
 # stored per video, so the counts survive --resume
 _FAILED = "non-finite features:"
@@ -65,14 +78,50 @@ _FAILED_RE = re.compile(re.escape(_FAILED) + r" (\d+) of \d+ views")
 def is_features_file(path: str) -> bool:
     """Whether ``path`` is a features file ``vnl-extract`` wrote (replaceable by a new run
     without ``--overwrite``, after ``--resume``/``--overwrite`` are chosen)."""
-    try:
-        with h5py.File(path, "r") as f:
-            if f.attrs.get("format") != RESULTS_FORMAT:
-                return False
-            header = json.loads(f.attrs["header"])
-    except (OSError, ValueError, KeyError):
-        return False
-    return isinstance(header, dict) and header.get("kind") == FEATURES_KIND
+    return is_store_file(path, FEATURES_SCHEMA)
+
+
+@dataclass
+class ExtractOptions(InferenceOptions):
+    """How :func:`extract_features` runs: the settings of :class:`.runner.InferenceOptions`
+    plus ``layer`` (``pool5`` or a module name, :func:`.layer_taps.layer_names`) and
+    ``per_video`` (one row per video, the mean over its views). A resumed run must use the
+    same list, model, layer, ``per_video``, mode, data root and backend."""
+
+    layer: str = POOL5
+    per_video: bool = False
+
+
+class LayerFeatures:
+    """What the extraction collects per view: ``layer``'s output averaged over its positions.
+
+    A view whose row holds NaN/Inf is a *failed view*: ``finish`` drops its row and records
+    the count in the video's error text (so the counts survive ``--resume``)."""
+
+    def __init__(self, model: torch.nn.Module, layer: str, width: int, per_video: bool) -> None:
+        self.tap = FeatureTap(model, layer)
+        self.width = width
+        self.per_video = per_video
+
+    def __call__(self, pixels: torch.Tensor) -> np.ndarray:
+        return self.tap(pixels)
+
+    def finish(self, record: VideoRecord) -> VideoRecord:
+        if record.error:
+            return record
+        feats, view_ids = record.scores, record.view_ids
+        finite = finite_rows(feats)
+        error = ""
+        if not finite.all():  # failed views: never written as features
+            error = (
+                f"{_FAILED} {int((~finite).sum())} of {len(finite)} views had NaN/Inf (not written)"
+            )
+            logger.error("video %d: %s", record.video_id, error)
+            feats, view_ids = feats[finite], view_ids[finite]
+        if self.per_video and len(feats):
+            feats = feats.astype(np.float64).mean(0, keepdims=True).astype(np.float32)
+            view_ids = np.full(1, -1, np.int16)
+        return replace(record, view_ids=view_ids, scores=feats, error=error)
 
 
 def extract_features(
@@ -81,209 +130,108 @@ def extract_features(
     output: str | os.PathLike,
     *,
     model: torch.nn.Module | None = None,
-    overrides: Sequence[str] = (),
-    data_root: str | os.PathLike | None = None,
-    layer: str = POOL5,
-    per_video: bool = False,
-    resume: bool = False,
-    overwrite: bool = False,
-    batch_size: int | None = None,
-    workers: int = 2,
-    limit: int | None = None,
-    backend: str = "opencv",
-    device: str | None = None,
-    precision: str = "strict",
-    compile: bool = False,
-    flush_every: int = 16,
-    flush_seconds: float = 60.0,
-    decode_memory_mb: int = 1024,
-    progress: bool = True,
-    mp_context: str = "spawn",
+    options: ExtractOptions | None = None,
+    **changes: Any,
 ) -> dict:
     """Extract ``layer`` features of every view of every video in ``list_file`` into ``output``.
 
-    ``per_video``: one row per video, the mean over its views. Returns a summary (videos, views,
-    decode errors, bad list lines, feature size, output path), also stored in the file.
-    ``resume``/``overwrite`` as in :func:`.evaluator.evaluate`; a resumed run must use the same
-    model, layer, mode, backend and list. Under ``torchrun`` every process returns the summary.
+    ``options`` (:class:`ExtractOptions`, defaults when omitted) say how; keyword ``changes``
+    replace single fields (``extract_features(lst, w, out, layer="res4", workers=0)``).
+    Returns a summary (videos, rows, decode errors with ``list:line``, bad list lines, failed
+    views, feature size, layer, mode, output path), also stored in the file. Under
+    ``torchrun`` every process returns the summary.
 
-    ``output`` must not be the list or the weights (links resolved) nor an existing file that
-    is not a features file (unless ``overwrite``); it is locked for the run (a second writer is
-    refused). A view whose features hold NaN/Inf is a *failed view*: its row is not written,
-    and the summary counts ``num_failed_views`` / ``num_videos_with_failed_views`` (with a
-    warning).
+    ``output`` must not be an input (the list, the weights, a listed video; links resolved)
+    nor an existing file that is not a features file (unless ``overwrite``); it is locked for
+    the run (a second writer is refused). Nothing is created before the layer, the list and
+    the precision mode are known to be usable.
     """
-    ctx = init_distributed(device)
+    opts = replace(options or ExtractOptions(), **changes)
+    opts.validate()
+    ctx = init_distributed(opts.device)
     try:
         with contextlib.ExitStack() as held:
-            args = {k: v for k, v in locals().items() if k not in ("ctx", "held")}
-            return _extract(ctx, held, **args)
+            return _extract(ctx, held, list_file, weights, output, model, opts)
     finally:
         ctx.close()
 
 
-def _claim_output(held, output, list_file, weights, overwrite) -> None:
-    """Refuse an output that is an input or a foreign file, then lock it for this run."""
-    check_destination(
-        output,
-        [list_file, weights],
-        what="features file",
-        is_own_output=is_features_file,
-        replace_foreign=overwrite,
-    )
-    held.enter_context(output_lock(output))
-
-
-def _extract(
-    ctx,
-    held,
-    *,
-    list_file,
-    weights,
-    output,
-    model,
-    overrides,
-    data_root,
-    layer,
-    per_video,
-    resume,
-    overwrite,
-    batch_size,
-    workers,
-    limit,
-    backend,
-    device,
-    precision,
-    compile,
-    flush_every,
-    flush_seconds,
-    decode_memory_mb,
-    progress,
-    mp_context,
-) -> dict:
-    claimed: Any = None
-    if ctx.is_main:
-        try:
-            _claim_output(held, output, list_file, weights, overwrite)
-        except OSError as e:
-            claimed = e
-    claimed = ctx.broadcast(claimed)
-    if claimed is not None:
-        raise claimed if isinstance(claimed, OSError) else ResultsError(str(claimed))
-    if backend not in available_backends():
-        raise ValueError(f"video backend {backend!r} is not available ({available_backends()})")
-    if model is None:
-        if weights is None:
-            raise ValueError("extract_features() needs weights (a converted .pt file) or a model")
-        model = load_model(weights, split="test", overrides=overrides)
-    cfg = model.cfg
-    check_layer(model, layer, precision, compile)
-    protocol = TestProtocol.from_cfg(cfg)
-    dim = feature_dim(cfg, layer, protocol)
-    fingerprint = model_fingerprint(model)  # of the weights as given, before any folding
-    model = prepare_for_inference(model, ctx.device, precision, compile, record_layers=[layer])
-    features = FeatureTap(model, layer)
-    batch_size = batch_size or default_batch_size(cfg)
-    vlist = read_video_list(list_file, data_root, num_classes=cfg.MODEL.NUM_CLASSES)
-    entries = vlist.entries if limit is None else vlist.entries[:limit]
-    header = {
-        "kind": FEATURES_KIND,
-        "layer": layer,
-        "per_video": bool(per_video),
+def _header(vlist, entries, cfg, fingerprint, protocol, dim, weights, opts: ExtractOptions):
+    """What a features file records about its run (compared on ``--resume``)."""
+    return {
+        "layer": opts.layer,
+        "per_video": bool(opts.per_video),
         "feature_dim": dim,
+        "precision": opts.precision,
         "list_file": os.path.abspath(vlist.source),
         "list_sha256": vlist.sha256,
         "num_entries": len(entries),
-        "data_root": os.fspath(data_root) if data_root is not None else None,
+        "data_root": os.path.abspath(opts.data_root) if opts.data_root is not None else None,
         "weights": os.path.abspath(os.fspath(weights)) if weights is not None else None,
-        # the extraction settings ride in cfg, which --resume compares
         "model_fingerprint": fingerprint,
-        "cfg": {**cfg_to_dict(cfg), "EXTRACT": {"LAYER": layer, "PER_VIDEO": bool(per_video)}},
-        "num_classes": dim,
-        "views_per_video": 1 if per_video else protocol.num_views,
+        "cfg": cfg_to_dict(cfg),
+        "views_per_video": 1 if opts.per_video else protocol.num_views,
         "protocol": asdict(protocol),
-        "backend": backend,
-        "precision": precision,
-        "channels_last": True,
-        "version": _version(),
+        "backend": opts.backend,
+        "channels_last": bool(opts.channels_last),
+        "version": package_version(),
     }
-    store = ResultsStore(output, header)
-    complete, done = store.prepare_on_main(ctx, resume, overwrite)
-    todo = [] if complete else [e for e in entries if e.ok and e.video_id not in done]
-    items = [VideoItem(e.video_id, vlist.resolve(e)) for e in shard(todo, ctx.rank, ctx.world_size)]
+
+
+def _extract(ctx, held, list_file, weights, output, model, opts: ExtractOptions) -> dict:
+    outputs = [Destination(os.fspath(output), "features file", is_features_file)]
+    inputs = [list_file, weights]
+    model = load_test_model(weights, model, opts.overrides, opts.backend, "extract_features")
+    cfg = model.cfg
+    check_layer(model, opts.layer, opts.precision, opts.compile)
+    protocol = TestProtocol.from_cfg(cfg)
+    dim = feature_dim(cfg, opts.layer, protocol)
+    vlist, entries = read_entries(list_file, opts.data_root, cfg, opts.limit)
+    ctx.on_main(lambda: refuse_outputs(outputs, inputs, vlist, opts.overwrite))
+    model, fingerprint = prepare_model(model, ctx.device, opts, record_layers=[opts.layer])
+    rows = LayerFeatures(model, opts.layer, dim, opts.per_video)
+    batch_size = opts.batch_size or default_batch_size(cfg)
+    header = _header(vlist, entries, cfg, fingerprint, protocol, dim, weights, opts)
+    store = ResultsStore(output, header, FEATURES_SCHEMA)
+    complete, done = claim_outputs(
+        ctx,
+        held,
+        outputs,
+        inputs,
+        vlist,
+        opts.overwrite,
+        then=lambda: store.prepare(opts.resume, opts.overwrite),
+    )
+    num_todo, items = my_items([] if complete else entries, vlist, done, ctx)
     logger.info(
         "%d list entries, %d to extract (%d here), layer %s (%d values), %s, precision %s",
         len(entries),
-        len(todo),
+        num_todo,
         len(items),
-        layer,
+        opts.layer,
         dim,
-        "one row per video" if per_video else f"{protocol.num_views} views per video",
-        precision,
+        "one row per video" if opts.per_video else f"{protocol.num_views} views per video",
+        opts.precision,
     )
-    if items:
-        writer = store.writer(ctx.rank, dim, flush_every, flush_seconds)
-        loader = view_loader(
-            items,
-            protocol,
-            batch_size,
-            backend,
-            workers=workers,
-            memory_budget=decode_memory_mb << 20,
-            pin_memory=ctx.device.type == "cuda",
-            mp_context=mp_context,
-        )
-        pending: dict[int, tuple[list[int], list[np.ndarray]]] = {}
-        bar = tqdm(total=len(items), unit="video", disable=not (progress and ctx.is_main))
-        try:
-            for chunk in loader:
-                record = _take(chunk, features, protocol, ctx.device, pending, per_video, dim)
-                if record is not None:
-                    writer.add(record)
-                    bar.update(1)
-        finally:
-            bar.close()
-            writer.flush()  # finished videos survive an exception or Ctrl-C
-        if pending:
-            raise RuntimeError(f"videos {sorted(pending)} ended without their last views")
+    writer = store.writer(ctx.rank, opts.flush_every, opts.flush_seconds)
+    where = lambda vid: vlist.where(vlist.entries[vid])  # noqa: E731
+    progress = "video" if opts.progress and ctx.is_main else None
+    runner = InferenceRunner(rows, protocol, ctx.device, writer.add, where, progress)
+    try:
+        run_views(runner, items, batch_size, opts)
+    finally:
+        writer.flush()  # finished videos survive an exception or Ctrl-C
     ctx.barrier()  # every shard flushed
     summary: Any = None
     if ctx.is_main:
-        summary = _finish(store, complete, entries, vlist, header)
+        summary = _finish(store, complete, entries, vlist)
     return ctx.broadcast(summary)
 
 
-def _take(chunk, features, protocol, device, pending, per_video, dim) -> VideoRecord | None:
-    """The record of a finished video, or None while its views are still coming."""
-    vid = chunk.video_id
-    if chunk.error:
-        logger.error("video %d has no views: %s", vid, chunk.error)
-        empty = np.zeros((0, dim), np.float32)
-        return VideoRecord(vid, np.zeros(0, np.int16), empty, error=chunk.error)
-    pixels = chunk.views.to(device, non_blocking=True).float()
-    rows = features(protocol.normalise_(pixels))
-    ids, parts = pending.setdefault(vid, ([], []))
-    ids.extend(chunk.view_ids)
-    parts.append(rows)
-    if not chunk.last:
-        return None
-    del pending[vid]
-    feats = np.concatenate(parts).astype(np.float32, copy=False)
-    view_ids = np.asarray(ids, dtype=np.int16)
-    finite = finite_rows(feats)
-    error = ""
-    if not finite.all():  # failed views: never written as features
-        error = f"{_FAILED} {int((~finite).sum())} of {len(finite)} views had NaN/Inf (not written)"
-        logger.error("video %d: %s", vid, error)
-        feats, view_ids = feats[finite], view_ids[finite]
-    if per_video and len(feats):
-        feats = feats.astype(np.float64).mean(0, keepdims=True).astype(np.float32)
-        view_ids = np.full(1, -1, np.int16)
-    meta = chunk.meta
-    return VideoRecord(vid, view_ids, feats, meta.num_frames, meta.height, meta.width, error)
-
-
-def _finish(store, complete, entries, vlist, header) -> dict:
+def _finish(store: ResultsStore, complete: bool, entries, vlist) -> dict:
+    """Merge the parts into the features file, its summary computed in the same pass (or the
+    summary stored in a file that was already complete)."""
+    header = store.header
     counts = {"videos": 0, "rows": 0, "decode_errors": 0, "failed_views": 0, "failed_videos": 0}
     errors: list[dict] = []
 
@@ -296,8 +244,14 @@ def _finish(store, complete, entries, vlist, header) -> dict:
             counts["failed_videos"] += 1
         elif rec.error:
             counts["decode_errors"] += 1
+            entry = vlist.entries[rec.video_id]
             errors.append(
-                {"video_id": rec.video_id, "path": entries[rec.video_id].path, "error": rec.error}
+                {
+                    "video_id": rec.video_id,
+                    "where": vlist.where(entry),
+                    "path": entry.path,
+                    "error": rec.error,
+                }
             )
 
     def summary() -> dict:
@@ -315,7 +269,10 @@ def _finish(store, complete, entries, vlist, header) -> dict:
             "precision": header["precision"],
         }
 
-    if not complete:
+    if complete:
+        logger.info("%s is complete: nothing to extract", store.path)
+        report = read_results_header(store.path, FEATURES_SCHEMA)[1] or {}
+    else:
         store.merge(
             [e.label for e in entries],
             [e.path for e in entries],
@@ -323,13 +280,7 @@ def _finish(store, complete, entries, vlist, header) -> dict:
             on_record=on_record,
             report=summary,
         )
-    else:
-        logger.info("%s is complete: nothing to extract", store.path)
-    with h5py.File(store.path, "r") as f:
-        report = json.loads(f.attrs["report"])
-    if "features" not in h5py.File(store.path, "r")["views"]:
-        with h5py.File(store.path, "r+") as f:  # a convenience name for the rows
-            f["views/features"] = h5py.SoftLink("/views/scores")
+        report = summary()
     report["output"] = store.path
     if report.get("num_failed_views"):
         logger.warning(
@@ -338,10 +289,13 @@ def _finish(store, complete, entries, vlist, header) -> dict:
             report["num_failed_views"],
             report["num_videos_with_failed_views"],
         )
+    if not report.get("num_rows"):
+        logger.warning(
+            "no views: nothing was extracted (%d list entries, %d bad list lines, %d "
+            "undecodable videos); %s has no rows",
+            report["num_entries"],
+            report["num_bad_list_lines"],
+            report["num_decode_errors"],
+            store.path,
+        )
     return report
-
-
-def _version() -> str:
-    from ..version import __version__
-
-    return __version__

@@ -152,10 +152,13 @@ def _pct(value: float) -> str:
 def format_report(report: Mapping) -> str:
     """The report as the lines a CLI prints (metrics first, then throughput if present)."""
     n = report["num_entries"]
+    empty, views = report["num_empty_videos"], report["views_per_video"]
+    partial = report["num_incomplete_videos"] - empty  # some views, not all: counted once
+    videos = f"{n} ({report['num_videos_with_views']} with views"
+    videos += f", {partial} of them with fewer than {views}" if partial else ""
+    videos += f"; {empty} without views)"
     lines = [
-        f"videos in list:          {n} ({report['num_videos_with_views']} with views, "
-        f"{report['num_empty_videos']} empty, {report['num_incomplete_videos']} with != "
-        f"{report['views_per_video']} views)",
+        f"videos in list:          {videos}",
         f"views per video:         min {report['min_views_per_video']}, "
         f"max {report['max_views_per_video']}",
         f"clip1 accuracy:          {_pct(report['clip1_accuracy'])} "
@@ -166,6 +169,11 @@ def format_report(report: Mapping) -> str:
         f"top-1 accuracy:          {_pct(report['top1_accuracy'])} ({report['top1_correct']}/{n})",
         f"top-5 accuracy:          {_pct(report['top5_accuracy'])} ({report['top5_correct']}/{n})",
     ]
+    if not report["num_views"]:
+        lines.append(
+            f"NO VIEWS:                nothing was evaluated ({n} list entries, none with a "
+            f"view): no accuracy to report"
+        )
     if report.get("num_failed_views"):
         lines.append(
             f"FAILED VIEWS:            {report['num_failed_views']} views in "

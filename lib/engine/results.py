@@ -33,6 +33,15 @@ Final file (``format = "nonlocal_net/results/v1"``)::
     list/path         str     (E,)    path as listed
     list/error        str     (E,)    why a list line is bad ('' otherwise)
     attrs: format, header (JSON: list, model, config, protocol), report (JSON)
+
+The features file of ``vnl-extract`` is the same store with its own schema
+(:data:`FEATURES_SCHEMA`, ``format = "nonlocal_net/features/v1"``): the rows are
+``views/features`` (R, ``feature_dim``) and the header names the layer and the precision mode.
+
+A run with no views at all (``--limit 0``, an empty list, only undecodable videos) writes a
+valid final file with zero rows. Every write goes through :func:`..utils.io.atomic_path`; a
+failed write (a full disk) raises one :class:`OSError` naming the file, and a part whose write
+failed is never renamed into place (parts are built in memory, then written and fsynced).
 """
 
 from __future__ import annotations
@@ -48,7 +57,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import h5py
 import numpy as np
@@ -56,14 +65,14 @@ import numpy as np
 from ..datasets.video_list import ListEntry, VideoList
 from ..utils.io import atomic_path, atomic_write
 
-if TYPE_CHECKING:
-    from .distributed import DistContext
-
 __all__ = [
+    "FEATURES_SCHEMA",
     "PART_FORMAT",
     "RESULTS_FORMAT",
+    "RESULTS_SCHEMA",
     "ResultsError",
     "ResultsStore",
+    "StoreSchema",
     "VideoRecord",
     "is_results_file",
     "iter_result_records",
@@ -76,13 +85,14 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 RESULTS_FORMAT = "nonlocal_net/results/v1"
+FEATURES_FORMAT = "nonlocal_net/features/v1"
 PART_FORMAT = "nonlocal_net/results-part/v1"
 MANIFEST = "run.json"
-# header keys that must match for --resume (anything that can change a number)
-# what must match for --resume to continue a run (anything that changes the scores)
+# what must match for --resume to continue a run (anything that changes a stored number)
 RESUME_KEYS = (
     "list_sha256",
     "num_entries",
+    "data_root",  # another root can hold other videos under the same listed names
     "model_fingerprint",
     "cfg",
     "views_per_video",
@@ -90,11 +100,41 @@ RESUME_KEYS = (
     "precision",  # a resumed run continues in the same precision mode
     "channels_last",
 )
+
+
+@dataclass(frozen=True)
+class StoreSchema:
+    """What kind of rows a store holds and how its commands name things.
+
+    ``format``: the final file's format tag; ``rows``: the dataset under ``views/``;
+    ``width_key``: the header key giving the row width; ``resume_keys``: header keys a resumed
+    run must share; ``run``/``flag``: the run and the command-line option that name the file in
+    messages (``"evaluation"``, ``"--results"``)."""
+
+    format: str
+    rows: str
+    width_key: str
+    resume_keys: tuple[str, ...]
+    run: str
+    flag: str
+
+
+RESULTS_SCHEMA = StoreSchema(
+    RESULTS_FORMAT, "scores", "num_classes", RESUME_KEYS, "evaluation", "--results"
+)
+FEATURES_SCHEMA = StoreSchema(
+    FEATURES_FORMAT,
+    "features",
+    "feature_dim",
+    (*RESUME_KEYS, "layer", "per_video", "feature_dim"),
+    "extraction",
+    "--output",
+)
 STR = h5py.string_dtype()
 
 
-class ResultsError(RuntimeError):
-    """A results file or folder that cannot be used; names the path."""
+class ResultsError(ValueError):
+    """A results file or folder that cannot be used (a bad input); names the path."""
 
 
 @dataclass
@@ -118,11 +158,23 @@ def _json(value) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def write_part(path: str, records: Sequence[VideoRecord], num_classes: int) -> None:
-    """Write ``records`` as one part file, atomically."""
+def write_part(path: str, records: Sequence[VideoRecord], width: int) -> None:
+    """Write ``records`` (rows ``width`` wide) as one part file, atomically.
+
+    The HDF5 file is built in memory and written as one byte string: a failed write (a full
+    disk) raises :class:`OSError` naming ``path`` before anything is renamed into place, where
+    HDF5 writing to disk can report a failed flush only on close, or not at all."""
     counts = np.array([r.num_views for r in records], dtype=np.int32)
     rows = int(counts.sum())
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    scores = np.zeros((rows, width), dtype=np.float32)
+    views = np.zeros(rows, dtype=np.int16)
+    row = 0
+    for r in records:
+        scores[row : row + r.num_views] = r.scores
+        views[row : row + r.num_views] = r.view_ids
+        row += r.num_views
+    name = f"part-{secrets.token_hex(8)}.h5"
+    with h5py.File(name, "w", driver="core", backing_store=False) as f:
         f.attrs["format"] = PART_FORMAT
         f["video_id"] = np.array([r.video_id for r in records], dtype=np.int64)
         f["num_views"] = counts
@@ -130,15 +182,12 @@ def write_part(path: str, records: Sequence[VideoRecord], num_classes: int) -> N
         f["height"] = np.array([r.height for r in records], dtype=np.int32)
         f["width"] = np.array([r.width for r in records], dtype=np.int32)
         f.create_dataset("error", data=[r.error for r in records], dtype=STR)
-        scores = np.zeros((rows, num_classes), dtype=np.float32)
-        views = np.zeros(rows, dtype=np.int16)
-        row = 0
-        for r in records:
-            scores[row : row + r.num_views] = r.scores
-            views[row : row + r.num_views] = r.view_ids
-            row += r.num_views
         f["scores"] = scores
         f["view_index"] = views
+        f.flush()
+        image = f.id.get_file_image()
+    with atomic_write(path) as out:
+        out.write(image)
 
 
 def read_part(path: str) -> list[VideoRecord]:
@@ -178,13 +227,13 @@ class PartWriter:
         self,
         parts_dir: str,
         rank: int,
-        num_classes: int,
+        width: int,
         flush_every: int = 16,
         flush_seconds: float = 60.0,
     ) -> None:
         self.parts_dir = parts_dir
         self.prefix = f"part-{time.strftime('%Y%m%d%H%M%S')}-{secrets.token_hex(3)}-r{rank:03d}"
-        self.num_classes = num_classes
+        self.width = width
         self.flush_every = max(1, flush_every)
         self.flush_seconds = flush_seconds
         self.buffer: list[VideoRecord] = []
@@ -202,7 +251,7 @@ class PartWriter:
     def flush(self) -> None:
         if self.buffer:
             path = os.path.join(self.parts_dir, f"{self.prefix}-{self.count:06d}.h5")
-            write_part(path, self.buffer, self.num_classes)
+            write_part(path, self.buffer, self.width)
             logger.debug("wrote %s (%d videos)", path, len(self.buffer))
             self.count += 1
             self.buffer = []
@@ -213,14 +262,30 @@ def _part_files(parts_dir: str) -> list[str]:
     return sorted(glob.glob(os.path.join(glob.escape(parts_dir), "part-*.h5")))
 
 
-def _check_header(source: str, stored: Mapping, current: Mapping) -> None:
-    for key in RESUME_KEYS:
-        if _json(stored.get(key)) != _json(current.get(key)):
+def _check_header(source: str, stored: Mapping, current: Mapping, schema: StoreSchema) -> None:
+    """Refuse to continue a run whose stored settings differ, naming the first key that does
+    (``cfg.TEST.SCALE``, ``data_root``), never dumping a whole config."""
+    for key in schema.resume_keys:
+        where, was, now = _first_difference(key, stored.get(key), current.get(key))
+        if where is not None:
             raise ResultsError(
-                f"{source} belongs to a different evaluation ({key} differs: stored "
-                f"{_short(stored.get(key))}, now {_short(current.get(key))}); delete it, pass "
-                f"--overwrite, or use another --results path"
+                f"{source} belongs to a different {schema.run} ({where} differs: stored "
+                f"{_short(was)}, now {_short(now)}); delete it, pass --overwrite, or use "
+                f"another {schema.flag} path"
             )
+
+
+def _first_difference(key: str, a: Any, b: Any) -> tuple[str | None, Any, Any]:
+    """``(dotted key, a's value, b's value)`` of the first leaf where ``a`` and ``b`` differ
+    (``(None, a, b)`` when they are equal as JSON)."""
+    if _json(a) == _json(b):
+        return None, a, b
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        for sub in sorted(set(a) | set(b), key=str):
+            where, x, y = _first_difference(f"{key}.{sub}", a.get(sub), b.get(sub))
+            if where is not None:
+                return where, x, y
+    return key, a, b
 
 
 def _short(value) -> str:
@@ -228,35 +293,56 @@ def _short(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def is_results_file(path: str) -> bool:
-    """Whether ``path`` is a final results file of this package (HDF5 with its format tag)."""
+def is_store_file(path: str, schema: StoreSchema) -> bool:
+    """Whether ``path`` is a final file of ``schema`` (HDF5 with its format tag)."""
     try:
         with h5py.File(path, "r") as f:
-            return f.attrs.get("format") == RESULTS_FORMAT
+            return f.attrs.get("format") == schema.format
     except (OSError, ValueError):
         return False
 
 
-def read_results_header(path: str) -> tuple[dict, dict | None]:
-    """``(header, report)`` stored in a final results file."""
+def is_results_file(path: str) -> bool:
+    """Whether ``path`` is a final results file of this package (HDF5 with its format tag)."""
+    return is_store_file(path, RESULTS_SCHEMA)
+
+
+def read_results_header(
+    path: str, schema: StoreSchema = RESULTS_SCHEMA
+) -> tuple[dict, dict | None]:
+    """``(header, report)`` stored in a final file of ``schema`` (by default a results file)."""
     try:
         with h5py.File(path, "r") as f:
-            if f.attrs.get("format") != RESULTS_FORMAT:
-                raise ResultsError(f"{path}: not a nonlocal_net results file")
+            if f.attrs.get("format") != schema.format:
+                raise ResultsError(
+                    f"{path}: not a nonlocal_net {schema.run} file ({schema.format})"
+                )
             header = json.loads(f.attrs["header"])
             report = json.loads(f.attrs["report"]) if "report" in f.attrs else None
     except OSError as e:
-        raise ResultsError(f"{path}: cannot read results file ({e})") from e
+        raise ResultsError(f"{path}: cannot read the {schema.run} file ({e})") from e
     return header, report
 
 
 class ResultsStore:
-    """The results of one evaluation: ``path`` (final HDF5) and ``path + '.parts'``."""
+    """The rows of one run: ``path`` (final HDF5) and ``path + '.parts'`` while it runs.
 
-    def __init__(self, path: str | os.PathLike, header: Mapping) -> None:
+    ``schema`` says what the rows are (:data:`RESULTS_SCHEMA`, per-view scores, by default;
+    :data:`FEATURES_SCHEMA` for ``vnl-extract``); the row width is ``header[schema.width_key]``.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, header: Mapping, schema: StoreSchema = RESULTS_SCHEMA
+    ) -> None:
         self.path = os.path.abspath(os.fspath(path))
         self.parts_dir = self.path + ".parts"
         self.header = dict(header)
+        self.schema = schema
+
+    @property
+    def width(self) -> int:
+        """Values per row (classes, or the feature size)."""
+        return int(self.header[self.schema.width_key])
 
     @property
     def manifest(self) -> str:
@@ -272,24 +358,6 @@ class ResultsStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 
-    def prepare_on_main(
-        self, ctx: DistContext, resume: bool, overwrite: bool
-    ) -> tuple[bool, set[int]]:
-        """:meth:`prepare` run by the main process of ``ctx`` (a ``DistContext``) and its
-        verdict, or its refusal as :class:`ResultsError`, handed to every process."""
-        state: Any = (False, [])
-        if ctx.is_main:
-            try:
-                complete, done = self.prepare(resume, overwrite)
-                state = (complete, sorted(done))
-            except ResultsError as e:
-                state = e
-        state = ctx.broadcast(state)
-        if isinstance(state, Exception):
-            raise ResultsError(str(state))
-        complete, done_ids = state
-        return complete, set(done_ids)
-
     def prepare(self, resume: bool, overwrite: bool) -> tuple[bool, set[int]]:
         """Check and set up the output (one process only). Returns ``(complete, done)``:
         ``complete`` if the final file of this very evaluation exists (``--resume``), and the
@@ -300,15 +368,15 @@ class ResultsStore:
             if os.path.isdir(self.parts_dir):
                 shutil.rmtree(self.parts_dir)
         elif final_exists and resume:
-            header, _ = read_results_header(self.path)
-            _check_header(self.path, header, self.header)
+            header, _ = read_results_header(self.path, self.schema)
+            _check_header(self.path, header, self.header, self.schema)
             if os.path.isdir(self.parts_dir):
                 shutil.rmtree(self.parts_dir)  # left by a kill after the final rename
             return True, set()
         elif final_exists:
             raise ResultsError(
-                f"{self.path} exists: pass --resume to re-score it, --overwrite to replace it, "
-                f"or choose another --results path"
+                f"{self.path} exists: pass --resume to keep it, --overwrite to replace it, "
+                f"or choose another {self.schema.flag} path"
             )
         elif os.path.isdir(self.parts_dir) and not resume:
             raise ResultsError(
@@ -322,7 +390,7 @@ class ResultsStore:
                     stored = json.load(f)
             except (OSError, ValueError) as e:
                 raise ResultsError(f"{self.manifest}: cannot read the run manifest ({e})") from e
-            _check_header(self.parts_dir, stored, self.header)
+            _check_header(self.parts_dir, stored, self.header, self.schema)
             for part in _part_files(self.parts_dir):
                 done.update(r.video_id for r in read_part(part))
             logger.info("resuming: %d videos already recorded in %s", len(done), self.parts_dir)
@@ -334,8 +402,9 @@ class ResultsStore:
             json.dump(self.header, f, indent=1, sort_keys=True, default=str)
         return False, done
 
-    def writer(self, rank: int, num_classes: int, flush_every: int, flush_seconds: float):
-        return PartWriter(self.parts_dir, rank, num_classes, flush_every, flush_seconds)
+    def writer(self, rank: int, flush_every: int, flush_seconds: float) -> PartWriter:
+        """The part writer of process ``rank``."""
+        return PartWriter(self.parts_dir, rank, self.width, flush_every, flush_seconds)
 
     def merge(
         self,
@@ -377,19 +446,23 @@ class ResultsStore:
             loaded.move_to_end(p)
             return loaded[p][i]
 
-        num_classes = int(self.header["num_classes"])
+        width = self.width
+        chunk_rows = max(1, min(max(total_rows, 1), (1 << 20) // (4 * width)))
+        # a run with no views has no rows: an empty dataset cannot be chunked
+        layout = (
+            {"chunks": (chunk_rows, width), "compression": "gzip", "compression_opts": 4}
+            if total_rows
+            else {}
+        )
         with atomic_path(self.path) as tmp, h5py.File(tmp, "w") as f:
-            f.attrs["format"] = RESULTS_FORMAT
+            f.attrs["format"] = self.schema.format
             f.attrs["header"] = _json(self.header)
-            chunk_rows = max(1, min(max(total_rows, 1), (1 << 20) // (4 * num_classes)))
             scores = f.create_dataset(
-                "views/scores",
-                shape=(total_rows, num_classes),
+                f"views/{self.schema.rows}",
+                shape=(total_rows, width),
                 dtype=np.float32,
-                chunks=(chunk_rows, num_classes),
-                compression="gzip",
-                compression_opts=4,
-                shuffle=True,
+                shuffle=bool(total_rows),
+                **layout,
             )
             view_video = np.empty(total_rows, dtype=np.int64)
             view_index = np.empty(total_rows, dtype=np.int16)
@@ -431,8 +504,9 @@ class ResultsStore:
             f.create_dataset("list/error", data=list(list_errors), dtype=STR)
             if report is not None:
                 f.attrs["report"] = _json(report())
+            f.flush()  # a full disk raises here, inside atomic_path: nothing renamed
         shutil.rmtree(self.parts_dir, ignore_errors=True)
-        logger.info("results written to %s (%d videos, %d views)", self.path, m, total_rows)
+        logger.info("%s written (%d videos, %d rows)", self.path, m, total_rows)
 
 
 def read_list_entries(path: str | os.PathLike, header: Mapping) -> VideoList:

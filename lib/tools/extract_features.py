@@ -16,7 +16,7 @@ import os
 import sys
 
 from ..datasets.decoders import BACKENDS
-from ..engine.extract import extract_features, layer_names
+from ..engine.extract import ExtractOptions, extract_features, layer_names
 from ..engine.inference import add_precision_arguments
 from ..models.model_builder import load_model
 from ..utils.cli import (
@@ -26,7 +26,13 @@ from ..utils.cli import (
     nonnegative_int,
     positive_int,
 )
-from ..utils.log import EXIT_OK, add_logging_arguments, run_reporting_errors, setup_logging
+from ..utils.log import (
+    EXIT_OK,
+    add_logging_arguments,
+    run_reporting_errors,
+    setup_logging,
+    terminal_safe,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -41,13 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(default pool5, the pooled res5 feature of 2048 values) averaged over its positions "
         "is written per view (or averaged per video) to a crash-safe, resumable HDF5 file "
         "that records the protocol, layer, weights and precision mode.",
-        epilog="Rows are in views/features (= views/scores), with views/video_id and "
-        "views/view_index (-1 for --per-video). Trailing KEY VALUE pairs override the "
+        epilog="Rows are in views/features (feature_dim wide), with views/video_id and "
+        "views/view_index (-1 for --per-video); the header names the layer and the precision "
+        "mode. Trailing KEY VALUE pairs override the "
         "checkpoint's config. The output is locked while a run writes it, is never one of the "
         "inputs, and a file that is not a features file is replaced only with --overwrite. "
         "Views whose features hold NaN/Inf are failed views: counted, reported, not written. "
-        "Exit status: 0 done, 2 error (one line 'vnl-extract: error: ...'), 130/143 "
-        "interrupted.",
+        "Exit status: 0 done, 1 internal error (traceback), 2 error (one line "
+        "'vnl-extract: error: ...'), 130/143 interrupted.",
     )
     parser.add_argument("--weights", required=True, help="converted checkpoint (.pt)")
     parser.add_argument("--list", dest="list_file", help="'<path> <label>' lines")
@@ -90,17 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if args.list_layers:
-        model = load_model(args.weights, split="test", overrides=args.opts)
-        print("\n".join(layer_names(model)))
-        return EXIT_OK
-    if not args.list_file or not args.output:
-        parser.error("--list and --output are required (unless --list-layers)")
-    summary = extract_features(
-        args.list_file,
-        args.weights,
-        args.output,
+def options_from_args(args: argparse.Namespace) -> ExtractOptions:
+    """The :class:`ExtractOptions` of parsed ``vnl-extract`` arguments."""
+    return ExtractOptions(
         overrides=args.opts,
         data_root=args.data_root,
         layer=args.layer,
@@ -118,20 +117,39 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         decode_memory_mb=args.decode_memory_mb,
         progress=not args.no_progress,
     )
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(
-            f"{summary['output']}: {summary['num_rows']} rows of {summary['feature_dim']} "
-            f"({summary['layer']}, precision {summary['precision']}) for "
-            f"{summary['num_videos']} videos; {summary['num_decode_errors']} undecodable, "
-            f"{summary['num_bad_list_lines']} bad list lines"
-            + (
-                f"; FAILED VIEWS: {summary['num_failed_views']} views in "
-                f"{summary['num_videos_with_failed_views']} videos had NaN/Inf features "
-                f"(not written)"
-                if summary.get("num_failed_views")
-                else ""
-            )
+
+
+def _summary_line(summary: dict) -> str:
+    """The one line vnl-extract prints: rows, layer, mode, videos, what went wrong."""
+    line = (
+        f"{summary['output']}: {summary['num_rows']} rows of {summary['feature_dim']} "
+        f"({summary['layer']}, precision {summary['precision']}) for "
+        f"{summary['num_videos']} videos; {summary['num_decode_errors']} undecodable, "
+        f"{summary['num_bad_list_lines']} bad list lines"
+    )
+    if summary.get("num_failed_views"):
+        line += (
+            f"; FAILED VIEWS: {summary['num_failed_views']} views in "
+            f"{summary['num_videos_with_failed_views']} videos had NaN/Inf features "
+            f"(not written)"
         )
+    if not summary["num_rows"]:
+        line += f"; no views: nothing extracted from {summary['num_entries']} list entries"
+    return line
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.list_layers:
+        model = load_model(args.weights, split="test", overrides=args.opts)
+        print("\n".join(layer_names(model)))
+        return EXIT_OK
+    if not args.list_file or not args.output:
+        parser.error("--list and --output are required (unless --list-layers)")
+    summary = extract_features(
+        args.list_file, args.weights, args.output, options=options_from_args(args)
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(terminal_safe(_summary_line(summary)))
     return EXIT_OK
 
 

@@ -14,8 +14,13 @@ import numpy as np
 from ..datasets.class_names import read_class_names
 from ..datasets.decoders import BACKENDS
 from ..engine.inference import add_precision_arguments
-from ..engine.predict import predict_video
-from ..utils.cli import add_device_argument, add_overrides_argument, positive_int
+from ..engine.predict import PredictOptions, predict_video
+from ..utils.cli import (
+    add_device_argument,
+    add_overrides_argument,
+    add_progress_argument,
+    positive_int,
+)
 from ..utils.io import atomic_write, check_destination
 from ..utils.lock import output_lock
 from ..utils.log import (
@@ -69,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the default memory format (channels_last_3d is faster)",
     )
     add_precision_arguments(parser)
+    add_progress_argument(parser)
     add_logging_arguments(parser)
     add_overrides_argument(parser)
     return parser
@@ -77,6 +83,22 @@ def build_parser() -> argparse.ArgumentParser:
 def _is_npy(path: str) -> bool:
     with open(path, "rb") as f:
         return f.read(6) == b"\x93NUMPY"
+
+
+def options_from_args(args: argparse.Namespace) -> PredictOptions:
+    """The :class:`PredictOptions` of parsed ``vnl-predict`` arguments."""
+    return PredictOptions(
+        overrides=args.opts,
+        backend=args.backend,
+        batch_size=args.batch_size,
+        device=args.device,
+        topk=args.topk,
+        features=args.features is not None,
+        channels_last=not args.no_channels_last,
+        precision=args.precision,
+        compile=args.compile,
+        progress=not args.no_progress,
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -88,19 +110,7 @@ def _run(args: argparse.Namespace) -> int:
             is_own_output=_is_npy,
             replace_foreign=args.overwrite,
         )
-    prediction = predict_video(
-        args.video,
-        args.weights,
-        overrides=args.opts,
-        backend=args.backend,
-        batch_size=args.batch_size,
-        device=args.device,
-        topk=args.topk,
-        features=args.features is not None,
-        channels_last=not args.no_channels_last,
-        precision=args.precision,
-        compile=args.compile,
-    )
+    prediction = predict_video(args.video, args.weights, options=options_from_args(args))
     names = None
     if args.labels:
         names = read_class_names(args.labels, num_classes=len(prediction.scores))

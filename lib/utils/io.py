@@ -13,11 +13,16 @@ Every command that writes a file goes through these helpers, so the rules hold e
 * :func:`check_destination`: refuses a destination that is the same file as any input (through
   links and relative paths too), and one that exists but is not the command's own kind of
   output unless the caller passes ``replace_foreign=True`` (the command's ``--overwrite``).
+* A write that fails because the disk is full (or the quota, the file size limit, a read-only
+  file system, an I/O error) raises :class:`WriteError`, one line naming the destination, also
+  when the writer is a library (HDF5) that reports it in its own words; the destination is left
+  as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno as errnos
 import glob
 import logging
 import os
@@ -32,6 +37,7 @@ from typing import IO
 __all__ = [
     "OutputError",
     "Terminated",
+    "WriteError",
     "atomic_path",
     "atomic_write",
     "check_destination",
@@ -50,6 +56,31 @@ _TMP_NAME = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{12}\.tmp(?:\..*)?
 
 class OutputError(OSError):
     """A destination a command refuses to write (an input, or a file it does not own)."""
+
+
+class WriteError(OSError):
+    """A destination that could not be written (full disk, quota, read-only file system, I/O
+    error); its message names the destination and the reason, on one line."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+# errors of the storage, not of the program or the data: reported as a WriteError
+_WRITE_ERRNOS = frozenset({errnos.ENOSPC, errnos.EDQUOT, errnos.EFBIG, errnos.EROFS, errnos.EIO})
+_LIBRARY_ERRNO = re.compile(r"errno = (\d+)")
+
+
+def _write_error(target: Path, error: OSError) -> WriteError | None:
+    """``error`` as a :class:`WriteError` naming ``target`` when the storage caused it (HDF5
+    puts the errno in its message), else None."""
+    code = error.errno
+    if code is None:
+        found = _LIBRARY_ERRNO.search(str(error))
+        code = int(found.group(1)) if found else None
+    if code not in _WRITE_ERRNOS:
+        return None
+    return WriteError(code, f"{target}: cannot write: {os.strerror(code)}")
 
 
 class Terminated(SystemExit):
@@ -191,9 +222,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             os.fsync(f.fileno())
         os.replace(tmp, target)
         fsync_directory(target.parent)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        failed = _write_error(target, e) if isinstance(e, OSError) else None
+        if failed is not None:
+            raise failed from e
         raise
 
 
@@ -218,9 +252,12 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
             os.close(fd)
         os.replace(tmp, target)
         fsync_directory(target.parent)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        failed = _write_error(target, e) if isinstance(e, OSError) else None
+        if failed is not None:
+            raise failed from e
         raise
 
 

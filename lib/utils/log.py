@@ -4,7 +4,8 @@ Exit statuses of every ``vnl-*`` command (documented in each ``--help``):
 
 * ``0`` (:data:`EXIT_OK`): done;
 * ``1`` (:data:`EXIT_FAIL`): the work ran but its verdict is negative (``vnl-verify``: a layer
-  outside tolerance; ``vnl-demo``: the verification step failed);
+  outside tolerance; ``vnl-demo``: the verification step failed); also an internal error (a
+  bug: any exception that is not one of :data:`INPUT_ERRORS`), printed with its traceback;
 * ``2`` (:data:`EXIT_ERROR`): an error: bad arguments (argparse), or a bad input or output
   refused with one line ``PROG: error: <what, which file, which key>`` (no traceback unless
   ``-v``);
@@ -44,18 +45,18 @@ __all__ = [
 EXIT_OK, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
 EXIT_INTERRUPTED = 130
 
-# What a bad input, option or output can raise anywhere in the package: the project's own errors
-# all derive from ValueError (config, checkpoint, conversion, format) or OSError (files, locks,
-# refused destinations); numeric conversions raise OverflowError; a class count too large for
-# memory MemoryError.
+# What a bad input, option or output raises anywhere in the package, and only that: the
+# project's own errors derive from ValueError (config, checkpoint, conversion, format, results
+# files) or OSError (files, locks, refused destinations, a full disk); numeric conversions raise
+# OverflowError; a list or class count too large for memory MemoryError; a too deeply nested
+# input (JSON, pickle) RecursionError. Anything else (RuntimeError, ImportError, TypeError, ...)
+# is a bug: it keeps its traceback and the command exits 1, as Python does.
 INPUT_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,
     OSError,
     OverflowError,
     MemoryError,
     RecursionError,
-    ImportError,
-    RuntimeError,
 )
 
 
