@@ -282,8 +282,8 @@ def test_bad_list_lines_are_counted_in_the_log(tmp_path, capsys):
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
     (out / "checkpoints/model_iter1.pt").write_bytes(b"x")  # refused after the list is read
-    line, err = in_process_error(base_args(lst, out), capsys)
-    assert "--resume" in line
+    line, err = in_process_error(base_args(lst, out, CHECKPOINT__RESUME="False"), capsys)
+    assert "--start-over" in line and "CHECKPOINT.RESUME is False" in line
     assert "2 of 8 list lines are bad" in err
 
 
