@@ -107,16 +107,33 @@ def final_state(out, iteration):
     return torch.load(out / f"checkpoints/model_iter{iteration}.pt", weights_only=True)
 
 
+def dead_pid():
+    """The pid of a process that has exited (what a SIGKILLed writer leaves in its temp name)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def metrics_records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.slow
-def test_sigkill_then_resume_is_bit_identical(data, tmp_path):
+@pytest.mark.parametrize("rerun", [[], ["--resume"]], ids=["same-command", "--resume"])
+def test_sigkill_then_rerun_is_bit_identical(data, tmp_path, rerun):
+    """A run killed with SIGKILL and run again with the same command (CHECKPOINT.RESUME True,
+    the default; ``--resume`` is a synonym) ends as an uninterrupted run, tensor for tensor:
+    weights, statistics, momentum, both checkpoint formats, metrics.jsonl's iterations."""
     args = dict(SOLVER__MAX_ITER=4, CHECKPOINT__CHECKPOINT_PERIOD=1, TRAIN__BATCH_SIZE=2)
     args.update(TRAIN__DROPOUT_RATE=0.5)  # the RNG state must survive the resume too
+    args.update(TRAIN__EVAL_PERIOD=2)  # validation records in metrics.jsonl
+    val = ["--val-list", data]
     straight = tmp_path / "straight"
-    run_train(base_args(data, straight, **args), check=True)
+    run_train([*base_args(data, straight, **args), *val], check=True)
     killed = tmp_path / "killed"
     command = [sys.executable, "-m", "nonlocal_net.tools.train_net_video"]
     proc = subprocess.Popen(
-        [*command, *map(str, base_args(data, killed, **args))],
+        [*command, *map(str, base_args(data, killed, **args)), *map(str, val)],
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         stderr=subprocess.DEVNULL,
     )
@@ -128,8 +145,16 @@ def test_sigkill_then_resume_is_bit_identical(data, tmp_path):
     proc.wait()
     assert target.exists() and not (killed / "checkpoints/model_iter4.pt").exists()
     assert (killed / "checkpoints.lock").exists()  # left behind by the killed trainer
-    resumed = run_train([*base_args(data, killed, **args), "--resume"], check=True)
+    # what a kill during the next checkpoint's write leaves (the writer's pid is gone)
+    stale = [killed / f"checkpoints/.{name}.{dead_pid()}-00000000abcd.tmp" for name in
+             ("model_iter3.pt", "c2_model_iter3.pkl")]  # fmt: skip
+    for path in stale:
+        path.write_bytes(b"half a checkpoint")
+    with open(killed / "metrics.jsonl", "a") as f:  # lines the killed run wrote after iter 2
+        f.write('{"kind": "train", "iter": 3, "loss": 123.0}\n{"kind": "tra')
+    resumed = run_train([*base_args(data, killed, **args), *val, *rerun], check=True)
     assert "resumed from" in resumed.stderr and "stale lock" in resumed.stderr
+    assert not any(path.exists() for path in stale)
     a, b = final_state(straight, 4), final_state(killed, 4)
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
@@ -137,10 +162,24 @@ def test_sigkill_then_resume_is_bit_identical(data, tmp_path):
         a["train"]["optimizer"]["state"].items(), b["train"]["optimizer"]["state"].items()
     ):
         assert torch.equal(va["momentum_buffer"], vb["momentum_buffer"]), ka
-    pa = read_caffe2_pkl(straight / "checkpoints/c2_model_iter4.pkl")
-    pb = read_caffe2_pkl(killed / "checkpoints/c2_model_iter4.pkl")
-    assert pa.blobs.keys() == pb.blobs.keys() and pa.lr == pb.lr
-    assert all((pa.momentum[k] == pb.momentum[k]).all() for k in pa.momentum)
+    for n in (2, 4):  # c2_model_iter2.pkl too: rewritten on resume if the kill came before it
+        pa = read_caffe2_pkl(straight / f"checkpoints/c2_model_iter{n}.pkl")
+        pb = read_caffe2_pkl(killed / f"checkpoints/c2_model_iter{n}.pkl")
+        assert pa.blobs.keys() == pb.blobs.keys() and pa.lr == pb.lr and pb.model_iter == n
+        assert all((pa.blobs[k] == pb.blobs[k]).all() for k in pa.blobs)
+        assert all((pa.momentum[k] == pb.momentum[k]).all() for k in pa.momentum)
+    ra, rb = metrics_records(straight), metrics_records(killed)
+    assert [(r["kind"], r["iter"]) for r in rb] == [(r["kind"], r["iter"]) for r in ra]
+    assert [(r["kind"], r["iter"]) for r in ra] == [
+        ("train", 1), ("train", 2), ("val", 2), ("train", 3), ("train", 4), ("val", 4)
+    ]  # fmt: skip
+    for x, y in zip(ra, rb):
+        assert {k: v for k, v in x.items() if k in ("lr", "loss", "top1_err", "top5_err")} == {
+            k: v for k, v in y.items() if k in ("lr", "loss", "top1_err", "top5_err")
+        }
+    timing = {"train": ("clips_per_s", "iter_seconds", "data_seconds"), "val": ("seconds",)}
+    for record in ra:
+        assert all(record[k] >= 0 for k in timing[record["kind"]]) and record["time"] > 0
 
 
 def free_port():
@@ -218,16 +257,14 @@ def test_resume_with_another_config_or_list_is_refused(data, tmp_path):
     args = dict(SOLVER__MAX_ITER=1, TRAIN__BATCH_SIZE=2)
     run_train(base_args(data, out, **args), check=True)
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
-    line = one_line_error(
-        run_train([*base_args(data, out, SOLVER__BASE_LR="0.5", **args), "--resume"])
-    )
+    line = one_line_error(run_train(base_args(data, out, SOLVER__BASE_LR="0.5", **args)))
     assert "SOLVER.BASE_LR" in line and "0.01" in line and "0.5" in line
     other_list = tmp_path / "other.txt"
     other_list.write_text(data.read_text().replace("c2/v1.avi 2\n", ""))
     line = one_line_error(run_train([*base_args(other_list, out, **args), "--resume"]))
     assert "--train-list" in line
-    line = one_line_error(run_train(base_args(data, out, **args)))  # no --resume
-    assert "--resume" in line
+    line = one_line_error(run_train(base_args(data, out, CHECKPOINT__RESUME="False", **args)))
+    assert "--start-over" in line and "CHECKPOINT.RESUME is False" in line
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
 
 
@@ -282,8 +319,8 @@ def test_bad_list_lines_are_counted_in_the_log(tmp_path, capsys):
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
     (out / "checkpoints/model_iter1.pt").write_bytes(b"x")  # refused after the list is read
-    line, err = in_process_error(base_args(lst, out), capsys)
-    assert "--resume" in line
+    line, err = in_process_error(base_args(lst, out, CHECKPOINT__RESUME="False"), capsys)
+    assert "--start-over" in line and "CHECKPOINT.RESUME is False" in line
     assert "2 of 8 list lines are bad" in err
 
 

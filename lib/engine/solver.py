@@ -57,6 +57,7 @@ __all__ = [
     "current_lr",
     "load_caffe2_momentum",
     "lr_at",
+    "nonfinite_state",
     "parameter_blob_name",
     "set_lr",
     "weight_decay_groups",
@@ -361,3 +362,25 @@ def load_caffe2_momentum(
     for name in missing:
         logger.info("%s not found", name)
     return missing
+
+
+@torch.no_grad()
+def nonfinite_state(optimizer: torch.optim.Optimizer) -> list[str]:
+    """The blob names of the parameters and ``<param>_momentum`` buffers that hold a NaN or an
+    infinity (empty when all are finite): what the trainer checks after every update, so a
+    non-finite update stops the run before anything is written. One max-abs reduction per
+    tensor on its device and one transfer, cheap next to a forward and backward pass."""
+    names: list[str] = []
+    tensors: list[torch.Tensor] = []
+    for blob, param in _named_params(optimizer):
+        names.append(blob)
+        tensors.append(param)
+        buf = optimizer.state.get(param, {}).get("momentum_buffer")
+        if buf is not None:
+            names.append(blob + MOMENTUM_SUFFIX)
+            tensors.append(buf)
+    if not tensors:
+        return []
+    peaks = torch.stack([n.float() for n in torch._foreach_norm(tensors, float("inf"))])
+    bad = (~torch.isfinite(peaks)).nonzero().flatten().tolist()
+    return [names[i] for i in bad]

@@ -24,7 +24,6 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,7 +38,7 @@ from ..converters.reader import read_caffe2_pkl
 from ..converters.report import INITIALISED
 from ..converters.sniff import looks_like_pickle
 from ..converters.writer import write_caffe2_pkl
-from ..core.config import ConfigError, cfg_to_dict
+from ..core.config import ConfigError
 from ..core.weights_file import WeightsFileError, load_weights_file
 from ..datasets.train_clips import (
     TrainClipDataset,
@@ -52,25 +51,41 @@ from ..datasets.train_clips import (
 from ..datasets.video_list import read_video_list
 from ..models.model_builder import build_model
 from . import solver
+from .arithmetic import run_arithmetic
 from .bn_helper import compute_precise_bn
 from .distributed import DistContext
 from .train_checkpoints import (
+    ResumePoint,
     check_inputs_not_checkpoints,
-    config_differences,
-    find_latest_checkpoint,
     load_training_checkpoint,
     pkl_path,
     pt_path,
+    remove_checkpoints,
+    remove_stale_checkpoint_temporaries,
     run_lock,
     save_training_checkpoint,
 )
+from .train_errors import NonFiniteError, NonFiniteLossError, TrainingError
+from .train_metrics import MetricsLog, check_tensorboard
+from .train_resume import (
+    check_resume,
+    checkpoint_problems,
+    decide_resume,
+    load_caffe2_checkpoint,
+    refuse_nonfinite,
+    run_settings,
+    training_checkpoint_problems,
+)
 
 __all__ = [
+    "MAX_JITTER_SCALE",
+    "NonFiniteError",
     "NonFiniteLossError",
     "TrainDataError",
     "TrainOptions",
     "TrainingError",
     "WeightsFileError",
+    "check_run_settings",
     "check_train_cfg",
     "initialise_from_params_file",
     "train",
@@ -79,12 +94,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class TrainingError(RuntimeError):
-    """A training run that cannot start or continue; the message says why."""
-
-
-class NonFiniteLossError(TrainingError):
-    """The loss became NaN or infinite."""
+# The largest short side TRAIN.JITTER_SCALES may ask for: the decoder scales whole frames to it
+# before cropping, so it sizes the allocations of every sample (a 16:9 frame at 2048 is
+# 2048 x 3641 x 3 bytes, 22 MB, times TRAIN.VIDEO_LENGTH * SAMPLE_RATE frames at most).
+MAX_JITTER_SCALE = 2048
 
 
 @dataclass
@@ -96,7 +109,9 @@ class TrainOptions:
     output_dir: str
     val_list: str | None = None
     data_root: str | None = None
-    resume: bool = False
+    resume: bool = False  # --resume: continue even with CHECKPOINT.RESUME False
+    start_over: bool = False  # --start-over: delete the folder's checkpoints, start a new run
+    tensorboard: bool = False  # --tensorboard: scalars also to OUTPUT_DIR/tensorboard
     accumulate: int = 1
     precision: str = "fp32"
     write_caffe2: bool = True
@@ -189,6 +204,51 @@ def initialise_from_params_file(model: torch.nn.Module, cfg, path: str) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- run checks
+
+
+def _period(cfg, key: str) -> int:
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return int(node)
+
+
+def check_run_settings(cfg, opts: TrainOptions) -> None:
+    """Every setting the run uses later, checked before anything is built or read, so no
+    refusal comes after hours of training: the periods, the precise-BN batch count, bounded
+    jitter scales, the resume flags and ``--tensorboard``'s package."""
+    for key in ("CHECKPOINT.CHECKPOINT_PERIOD", "TRAIN.EVAL_PERIOD"):
+        value = _period(cfg, key)
+        if value == 0 or value < -1:
+            raise ConfigError(
+                f"{key} must be a positive number of iterations or -1 (never, apart from the "
+                f"end for checkpoints), got {value}"
+            )
+    if _period(cfg, "LOG_PERIOD") < 1:
+        raise ConfigError(
+            f"LOG_PERIOD must be a positive number of iterations, got {cfg.LOG_PERIOD}"
+        )
+    if _uses_precise_bn(cfg) and int(cfg.TRAIN.ITER_COMPUTE_PRECISE_BN) < 1:
+        raise ConfigError(
+            f"TRAIN.ITER_COMPUTE_PRECISE_BN must be at least 1 batch with TRAIN.COMPUTE_PRECISE_BN "
+            f"True (a non-affine model), got {cfg.TRAIN.ITER_COMPUTE_PRECISE_BN}; set "
+            f"TRAIN.COMPUTE_PRECISE_BN False to keep the running averages"
+        )
+    scales = list(cfg.TRAIN.JITTER_SCALES)
+    if any(int(v) > MAX_JITTER_SCALE for v in scales):
+        raise ConfigError(
+            f"TRAIN.JITTER_SCALES {scales} exceeds {MAX_JITTER_SCALE}: frames are scaled to that "
+            f"short side before cropping (the original's recipes use 256 to 480)"
+        )
+    if opts.resume and opts.start_over:
+        raise ConfigError("--resume and --start-over contradict each other: pass one of them")
+    if opts.tensorboard:
+        check_tensorboard()
+    if _period(cfg, "TRAIN.EVAL_PERIOD") > 0 and not opts.val_list:
+        logger.info("TRAIN.EVAL_PERIOD %d: no --val-list, no validation", cfg.TRAIN.EVAL_PERIOD)
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -234,6 +294,9 @@ class _Run:
     train_set: TrainClipDataset
     micro: int
     lists: dict[str, str]
+    settings: dict[str, Any]
+    val_set: TrainClipDataset | None = None
+    metrics: MetricsLog | None = None
     failures: int = 0
     precise_bn_done_at: int = -1
     last_checkpoint: str | None = None
@@ -289,6 +352,7 @@ class _Run:
                 f"({self.last_checkpoint or 'none yet'})"
             )
         self.optimizer.step()
+        self.check_update(it, lr)
         return {
             "lr": lr,
             "loss": loss_sum / n,
@@ -296,6 +360,19 @@ class _Run:
             "top5_err": 1.0 - top5 / n,
             "failures": len(batch["failures"]),
         }
+
+    def check_update(self, it: int, lr: float) -> None:
+        """Stop (:class:`NonFiniteError`) when the update of ``it`` made a parameter or a
+        momentum buffer non-finite: the loss was finite, the step was not (an LR or gradient
+        too large for float32)."""
+        bad = solver.nonfinite_state(self.optimizer)
+        if bad:
+            shown = ", ".join(bad[:4]) + (f", ... ({len(bad)} in all)" if len(bad) > 4 else "")
+            raise NonFiniteError(
+                f"the update of iteration {it + 1} (lr {lr:.6g}) made {len(bad)} tensors "
+                f"non-finite ({shown}); nothing was written after the last checkpoint "
+                f"({self.last_checkpoint or 'none yet'})"
+            )
 
     # -- precise BN
     def precise_bn(self, iteration: int) -> None:
@@ -337,12 +414,10 @@ class _Run:
 
     # -- validation
     def validate(self, iteration: int) -> dict | None:
-        if not self.opts.val_list:
+        if self.val_set is None:
             return None
-        vlist = read_video_list(self.opts.val_list, self.opts.data_root, self.cfg.MODEL.NUM_CLASSES)
-        dataset = TrainClipDataset(
-            vlist, self.sampling, int(self.cfg.RNG_SEED), self.opts.backend, stream=(1,)
-        )
+        t0 = time.perf_counter()
+        dataset = self.val_set  # read and checked before the first iteration
         n = len(dataset)
         positions = range(self.ctx.rank, n, self.ctx.world_size)
         loader = _loader(dataset, _Positions(positions), self.micro, self.opts.workers, iteration)
@@ -368,6 +443,16 @@ class _Run:
             "top1_err": 1 - top1 / count,
             "top5_err": 1 - top5 / count,
         }
+        if self.metrics is not None:
+            self.metrics.val(
+                iteration,
+                {
+                    "top1_err": result["top1_err"],
+                    "top5_err": result["top5_err"],
+                    "clips": int(count),
+                    "seconds": round(time.perf_counter() - t0, 3),
+                },
+            )
         logger.info(
             "val at iteration %d: top-1 error %.2f%%, top-5 error %.2f%% (%d random-crop clips)",
             iteration,
@@ -385,12 +470,11 @@ class _Run:
             return
         out = self.opts.output_dir
         state = self.model.state_dict()
-        if self.opts.write_caffe2:
-            blobs: dict[str, Any] = dict(state_dict_to_blobs(state))
-            blobs.update(solver.caffe2_momentum_blobs(self.optimizer))
-            blobs["lr"] = np.array(last_lr, dtype=np.float32)
-            blobs["model_iter"] = int(iteration)
-            write_caffe2_pkl(blobs, pkl_path(out, iteration), protocol=2, wrapped=True)
+        momentum = solver.caffe2_momentum_blobs(self.optimizer)
+        refuse_nonfinite(
+            checkpoint_problems([*state.items(), *momentum.items(), ("lr", np.float64(last_lr))]),
+            f"checkpoint {iteration} not written (the checkpoints already written are kept)",
+        )
         train_state = {
             "iteration": int(iteration),
             "data_position": int(iteration) * int(self.cfg.TRAIN.BATCH_SIZE),
@@ -398,9 +482,7 @@ class _Run:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "lists": dict(self.lists),
-            "world_size": self.ctx.world_size,
-            "accumulate": self.opts.accumulate,
-            "precision": self.opts.precision,
+            **self.settings,
             "decode_failures": int(self.failures),
             "precise_bn_done_at": int(self.precise_bn_done_at),
             "last_lr": float(last_lr),
@@ -412,94 +494,171 @@ class _Run:
             **self.opts.extra_meta,
         }
         path = pt_path(out, iteration)
-        save_training_checkpoint(path, state, self.cfg, meta, train_state)
+        remove_stale_checkpoint_temporaries(path)
+        save_training_checkpoint(path, state, self.cfg, meta, train_state)  # the .pt first
+        if self.opts.write_caffe2:
+            self.write_pkl(iteration, state, momentum, last_lr)
         self.last_checkpoint = str(path)
         logger.info("checkpoint %s%s", path, " (+ .pkl)" if self.opts.write_caffe2 else "")
         self.ctx.barrier()
 
-
-def _check_resume(data: dict, cfg, lists: dict[str, str], path: Path) -> None:
-    differences = config_differences(data["cfg"], cfg_to_dict(cfg))
-    old_lists = data["train"].get("lists", {})
-    for name in ("train", "val"):
-        if old_lists.get(name, "") != lists.get(name, ""):
-            differences.append(f"--{name}-list (file content differs: sha256)")
-    if differences:
-        shown = "; ".join(differences[:6]) + (
-            f"; ... ({len(differences)} in all)" if len(differences) > 6 else ""
-        )
-        raise TrainingError(
-            f"cannot resume from {path}: the run was started with a different configuration "
-            f"or list ({shown}); use another --output-dir for a new run"
-        )
-
-
-def _list_digest(path: str | None) -> str:
-    if not path:
-        return ""
-    import hashlib
-
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    def write_pkl(self, iteration: int, state: dict, momentum: dict, last_lr: float) -> None:
+        """``c2_model_iter<N>.pkl``: the original's ``save_model_params`` layout."""
+        path = pkl_path(self.opts.output_dir, iteration)
+        remove_stale_checkpoint_temporaries(path)
+        blobs: dict[str, Any] = dict(state_dict_to_blobs(state))
+        blobs.update(momentum)
+        blobs["lr"] = np.array(last_lr, dtype=np.float32)
+        blobs["model_iter"] = int(iteration)
+        write_caffe2_pkl(blobs, path, protocol=2, wrapped=True)
 
 
 def train(opts: TrainOptions, ctx: DistContext) -> dict:
-    """Run (or resume) a training run; returns a summary (final iteration, checkpoint, val)."""
+    """Run (or continue) a training run; returns a summary (final iteration, checkpoint, val)."""
     cfg = opts.cfg
     micro = check_train_cfg(cfg, ctx.world_size, opts.accumulate, opts.precision, ctx.device)
+    check_run_settings(cfg, opts)
     inputs = {
         "--train-list": opts.train_list,
         "--val-list": opts.val_list,
         "TRAIN.PARAMS_FILE": cfg.TRAIN.PARAMS_FILE,
     }
+    metrics = MetricsLog(opts.output_dir, enabled=ctx.is_main, tensorboard=opts.tensorboard)
     with contextlib.ExitStack() as held:
         claimed: Any = None
         if ctx.is_main:  # one process checks and locks; every process gets the verdict
             try:
                 check_inputs_not_checkpoints(opts.output_dir, inputs)
+                metrics.check([p for p in inputs.values() if p])
                 held.enter_context(run_lock(opts.output_dir))
             except OSError as e:
                 claimed = e
         claimed = ctx.broadcast(claimed)
         if claimed is not None:
             raise claimed if isinstance(claimed, OSError) else TrainingError(str(claimed))
-        return _train(opts, ctx, micro)
+        held.enter_context(run_arithmetic(opts.precision, ctx.device))
+        held.callback(metrics.close)
+        return _train(opts, ctx, micro, metrics)
 
 
-def _train(opts: TrainOptions, ctx: DistContext, micro: int) -> dict:
-    cfg = opts.cfg
-    vlist = read_video_list(opts.train_list, opts.data_root, cfg.MODEL.NUM_CLASSES)
-    lists = {"train": _list_digest(opts.train_list), "val": _list_digest(opts.val_list)}
+@dataclass
+class _Data:
+    sampling: TrainSampling
+    train_set: TrainClipDataset
+    val_set: TrainClipDataset | None
+    lists: dict[str, str]  # sha256 of the list files, recorded in the checkpoints
+
+
+def _read_data(opts: TrainOptions, cfg) -> _Data:
+    """Both lists read and checked (a list with no usable line is refused) before anything is
+    built: a bad validation list must not end a run after its iterations."""
     sampling = TrainSampling.from_cfg(cfg)
-    train_set = TrainClipDataset(vlist, sampling, int(cfg.RNG_SEED), opts.backend)
+    classes = cfg.MODEL.NUM_CLASSES
+    train_list = read_video_list(opts.train_list, opts.data_root, classes)
+    train_set = TrainClipDataset(train_list, sampling, int(cfg.RNG_SEED), opts.backend)
+    val_set, val_digest = None, ""
+    if opts.val_list:
+        val_list = read_video_list(opts.val_list, opts.data_root, classes)
+        val_set = TrainClipDataset(val_list, sampling, int(cfg.RNG_SEED), opts.backend, stream=(1,))
+        val_digest = val_list.sha256
+    lists = {"train": train_list.sha256, "val": val_digest}
+    return _Data(sampling, train_set, val_set, lists)
 
-    latest = find_latest_checkpoint(opts.output_dir)
-    if latest is not None and not opts.resume:
-        raise TrainingError(
-            f"{opts.output_dir} already holds checkpoints ({latest.name}): pass --resume to "
-            f"continue that run, or choose another --output-dir"
-        )
-    resume_data = load_training_checkpoint(latest) if (opts.resume and latest) else None
-    if resume_data is not None:
-        _check_resume(resume_data, cfg, lists, latest)
-    elif opts.resume:
+
+def _resume_point(opts: TrainOptions, ctx: DistContext) -> ResumePoint | None:
+    """:func:`.train_resume.decide_resume` on the main process, its verdict on every one."""
+    cfg = opts.cfg
+    resume = bool(opts.resume or cfg.CHECKPOINT.RESUME)
+    verdict: Any = None
+    if ctx.is_main:
+        try:
+            verdict = decide_resume(opts.output_dir, resume=resume, start_over=opts.start_over)
+        except TrainingError as e:
+            verdict = e
+    verdict = ctx.broadcast(verdict)
+    if isinstance(verdict, BaseException):
+        raise TrainingError(str(verdict))
+    if verdict is None and opts.resume:
         logger.info("--resume: no checkpoint in %s yet; starting a new run", opts.output_dir)
+    return verdict
+
+
+def _check_start_iter(cfg, start_iter: int) -> None:
+    """A params file whose ``model_iter`` is at or past ``SOLVER.MAX_ITER`` trains nothing."""
+    max_iter = int(cfg.SOLVER.MAX_ITER)
+    if start_iter >= max_iter:
+        raise TrainingError(
+            f"TRAIN.PARAMS_FILE {cfg.TRAIN.PARAMS_FILE} holds model_iter {start_iter}, at or "
+            f"past SOLVER.MAX_ITER {max_iter}: there is nothing to train (the original starts "
+            f"at a file's model_iter; TRAIN.RESET_START_ITER True trains its weights from 0)"
+        )
+
+
+def _restore_pt(data: dict, model, optimizer, point: ResumePoint) -> int:
+    """This trainer's ``.pt``: weights, optimizer, RNG states; returns the iteration."""
+    model.load_state_dict(data["state_dict"], strict=True)
+    optimizer.load_state_dict(data["train"]["optimizer"])
+    start_iter = int(data["train"]["iteration"])
+    torch.set_rng_state(data["train"]["torch_rng"])
+    if torch.cuda.is_available() and data["train"]["cuda_rng"]:
+        torch.cuda.set_rng_state_all(data["train"]["cuda_rng"])
+    logger.info("resumed from %s at iteration %d", point.path, start_iter)
+    return start_iter
+
+
+def _prepare_outputs(run: _Run, start_iter: int, last_lr: float, resumed_pt: bool) -> None:
+    """On the main process, just before the first iteration: ``--start-over`` deletes the old
+    checkpoints, ``metrics.jsonl`` is continued at ``start_iter``, and a ``.pt`` resumed from
+    gets back its ``.pkl`` if a kill came between the two writes."""
+    opts = run.opts
+    if run.ctx.is_main:
+        if opts.start_over:
+            removed = remove_checkpoints(opts.output_dir)
+            if removed:
+                logger.warning("--start-over: deleted %d checkpoint file(s)", len(removed))
+        assert run.metrics is not None
+        run.metrics.open(start_iter)
+        if resumed_pt and opts.write_caffe2 and not pkl_path(opts.output_dir, start_iter).exists():
+            momentum = solver.caffe2_momentum_blobs(run.optimizer)
+            run.write_pkl(start_iter, run.model.state_dict(), momentum, last_lr)
+            logger.info("wrote the missing %s", pkl_path(opts.output_dir, start_iter))
+    run.ctx.barrier()
+
+
+def _train(opts: TrainOptions, ctx: DistContext, micro: int, metrics: MetricsLog) -> dict:
+    cfg = opts.cfg
+    data = _read_data(opts, cfg)
+    point = _resume_point(opts, ctx)
+    settings = run_settings(
+        world_size=ctx.world_size,
+        accumulate=opts.accumulate,
+        precision=opts.precision,
+        backend=opts.backend,
+        data_root=opts.data_root,
+        device=ctx.device,
+    )
+    resume_data = None
+    if point is not None and not point.is_caffe2:
+        resume_data = load_training_checkpoint(point.path)
+        refuse_nonfinite(
+            training_checkpoint_problems(resume_data), f"cannot resume from {point.path}"
+        )
+        check_resume(resume_data, cfg, data.lists, settings, point.path)
 
     torch.manual_seed(int(cfg.RNG_SEED))
     np.random.seed(int(cfg.RNG_SEED))
     model = build_model(cfg, split="train").to(ctx.device)
     start_iter = 0
-    if resume_data is None and cfg.TRAIN.PARAMS_FILE:
+    if point is None and cfg.TRAIN.PARAMS_FILE:
         start_iter = initialise_from_params_file(model, cfg, cfg.TRAIN.PARAMS_FILE)
+        _check_start_iter(cfg, start_iter)
     optimizer = solver.build_optimizer(model, cfg)
+    last_lr = solver.lr_at(cfg, start_iter)
     if resume_data is not None:
-        model.load_state_dict(resume_data["state_dict"], strict=True)
-        optimizer.load_state_dict(resume_data["train"]["optimizer"])
-        start_iter = int(resume_data["train"]["iteration"])
-        torch.set_rng_state(resume_data["train"]["torch_rng"])
-        if torch.cuda.is_available() and resume_data["train"]["cuda_rng"]:
-            torch.cuda.set_rng_state_all(resume_data["train"]["cuda_rng"])
-        logger.info("resumed from %s at iteration %d", latest, start_iter)
+        start_iter = _restore_pt(resume_data, model, optimizer, point)
+        last_lr = float(resume_data["train"]["last_lr"])
+    elif point is not None:  # the original's c2_model_iter<N>.pkl
+        start_iter, last_lr = load_caffe2_checkpoint(point, model, optimizer, cfg)
     ddp: torch.nn.Module = model
     if ctx.distributed:
         ddp = torch.nn.parallel.DistributedDataParallel(
@@ -507,29 +666,55 @@ def _train(opts: TrainOptions, ctx: DistContext, micro: int) -> dict:
             device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
             broadcast_buffers=False,  # per-device BN statistics, as the original's GPUs
         )
-    run = _Run(opts, ctx, cfg, model, ddp, optimizer, sampling, train_set, micro, lists)
+    run = _Run(
+        opts,
+        ctx,
+        cfg,
+        model,
+        ddp,
+        optimizer,
+        data.sampling,
+        data.train_set,
+        micro,
+        data.lists,
+        settings,
+        val_set=data.val_set,
+        metrics=metrics,
+    )
     if resume_data is not None:
         run.failures = int(resume_data["train"].get("decode_failures", 0))
         run.precise_bn_done_at = int(resume_data["train"].get("precise_bn_done_at", -1))
-        run.last_checkpoint = str(latest)
+    if point is not None:
+        run.last_checkpoint = point.path
+    _prepare_outputs(run, start_iter, last_lr, resumed_pt=resume_data is not None)
+    summary = _loop(run, start_iter, last_lr)
+    if point is not None and start_iter >= int(cfg.SOLVER.MAX_ITER):
+        logger.info("the run had already finished at iteration %d", start_iter)
+    return summary
+
+
+def _loop(run: _Run, start_iter: int, last_lr: float) -> dict:
+    """The iterations ``start_iter .. MAX_ITER - 1``: step, log line and metrics record,
+    validation, checkpoints."""
+    cfg, opts, ctx = run.cfg, run.opts, run.ctx
     max_iter = int(cfg.SOLVER.MAX_ITER)
     period = int(cfg.CHECKPOINT.CHECKPOINT_PERIOD)
     eval_period = int(cfg.TRAIN.EVAL_PERIOD)
-    log_period = max(1, int(cfg.LOG_PERIOD))
-    per_rank = int(cfg.TRAIN.BATCH_SIZE) // ctx.world_size
+    log_period = int(cfg.LOG_PERIOD)
     batch = int(cfg.TRAIN.BATCH_SIZE)
+    per_rank = batch // ctx.world_size
     sampler = TrainSampler(start_iter, max_iter, batch, ctx.rank, ctx.world_size)
-    loader = _loader(train_set, sampler, per_rank, opts.workers, int(cfg.RNG_SEED))
+    loader = _loader(run.train_set, sampler, per_rank, opts.workers, int(cfg.RNG_SEED))
     logger.info(
         "training %s: iterations %d..%d, global batch %d = %d process(es) x %d micro-batch(es) "
         "x %d clips, %s, device %s",
         cfg.MODEL.MODEL_NAME,
         start_iter,
         max_iter,
-        cfg.TRAIN.BATCH_SIZE,
+        batch,
         ctx.world_size,
         opts.accumulate,
-        micro,
+        run.micro,
         opts.precision,
         ctx.device,
     )
@@ -538,55 +723,36 @@ def _train(opts: TrainOptions, ctx: DistContext, micro: int) -> dict:
         from tqdm import tqdm
 
         bar = tqdm(total=max_iter, initial=start_iter, unit="it", desc="train", dynamic_ncols=True)
-    model.train()
-    if resume_data is not None:
-        last_lr = float(resume_data["train"]["last_lr"])
-    else:
-        last_lr = solver.lr_at(cfg, start_iter)
+    run.model.train()
     val_result = None
     window_t = time.perf_counter()
     data_time = 0.0
-    window_clips = 0
+    window_iters = 0
     totals = {"clips": 0, "data_seconds": 0.0, "first_batch_seconds": 0.0}
     run_t0 = time.perf_counter()
     it = start_iter
     t_data = time.perf_counter()
-    for it, batch in zip(range(start_iter, max_iter), loader):
+    for it, batch_data in zip(range(start_iter, max_iter), loader):
         waited = time.perf_counter() - t_data
         data_time += waited
         if it == start_iter:
             totals["first_batch_seconds"] = waited
         else:
             totals["data_seconds"] += waited
-            totals["clips"] += int(cfg.TRAIN.BATCH_SIZE)
-        stats = run.step(it, batch)
+            totals["clips"] += batch
+        stats = run.step(it, batch_data)
         last_lr = stats["lr"]
         run.failures += stats["failures"]
-        window_clips += int(cfg.TRAIN.BATCH_SIZE)
+        window_iters += 1
         done = it + 1
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.3g}")
         if done % log_period == 0 or done == max_iter:
             elapsed = time.perf_counter() - window_t
-            rate = window_clips / elapsed if elapsed > 0 else float("nan")
-            eta = (max_iter - done) * cfg.TRAIN.BATCH_SIZE / rate if rate > 0 else float("nan")
-            logger.info(
-                "iter %d/%d  lr %.6g  loss %.4f  top1_err %.2f%%  top5_err %.2f%%  "
-                "%.2f clips/s  data %.0f%%  eta %s%s",
-                done,
-                max_iter,
-                stats["lr"],
-                stats["loss"],
-                100 * stats["top1_err"],
-                100 * stats["top5_err"],
-                rate,
-                100 * data_time / elapsed if elapsed > 0 else 0.0,
-                _fmt_seconds(eta),
-                f"  ({run.failures} videos replaced so far)" if run.failures else "",
-            )
-            window_t, window_clips, data_time = time.perf_counter(), 0, 0.0
-        if eval_period > 0 and done % eval_period == 0 and opts.val_list:
+            _log_iteration(run, done, stats, window_iters, elapsed, data_time)
+            window_t, window_iters, data_time = time.perf_counter(), 0, 0.0
+        if eval_period > 0 and done % eval_period == 0 and run.val_set is not None:
             run.precise_bn(done)
             val_result = run.validate(done)
         if (period > 0 and done % period == 0) or done == max_iter:
@@ -594,19 +760,59 @@ def _train(opts: TrainOptions, ctx: DistContext, micro: int) -> dict:
         t_data = time.perf_counter()
     if bar is not None:
         bar.close()
-    if resume_data is not None and start_iter >= max_iter:
-        logger.info("the run had already finished at iteration %d", start_iter)
     summary = {
         "iteration": max(it + 1, start_iter) if max_iter > start_iter else start_iter,
         "checkpoint": run.last_checkpoint,
         "val": val_result,
         "decode_failures": run.failures,
-        "model": model,
+        "model": run.model,
         "throughput": {**totals, "seconds": time.perf_counter() - run_t0},
     }
     if run.failures:
         logger.warning("%d training samples were replaced because their video failed", run.failures)
     return summary
+
+
+def _log_iteration(
+    run: _Run, done: int, stats: dict, iters: int, elapsed: float, data_time: float
+) -> None:
+    """The log line of iteration ``done`` and its ``metrics.jsonl`` record (the window: the
+    ``iters`` iterations since the previous line)."""
+    max_iter = int(run.cfg.SOLVER.MAX_ITER)
+    batch = int(run.cfg.TRAIN.BATCH_SIZE)
+    rate = iters * batch / elapsed if elapsed > 0 else float("nan")
+    eta = (max_iter - done) * batch / rate if rate > 0 else float("nan")
+    data_share = data_time / elapsed if elapsed > 0 else 0.0
+    logger.info(
+        "iter %d/%d  lr %.6g  loss %.4f  top1_err %.2f%%  top5_err %.2f%%  "
+        "%.2f clips/s  data %.0f%%  eta %s%s",
+        done,
+        max_iter,
+        stats["lr"],
+        stats["loss"],
+        100 * stats["top1_err"],
+        100 * stats["top5_err"],
+        rate,
+        100 * data_share,
+        _fmt_seconds(eta),
+        f"  ({run.failures} videos replaced so far)" if run.failures else "",
+    )
+    if run.metrics is not None:
+        run.metrics.train(
+            done,
+            {
+                "lr": stats["lr"],
+                "loss": stats["loss"],
+                "top1_err": stats["top1_err"],
+                "top5_err": stats["top5_err"],
+                "clips_per_s": rate,
+                "iter_seconds": elapsed / iters if iters else None,
+                "data_seconds": data_time,
+                "data_fraction": data_share,
+                "eta_seconds": eta,
+                "videos_replaced": run.failures,
+            },
+        )
 
 
 def _fmt_seconds(seconds: float) -> str:

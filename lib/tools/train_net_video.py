@@ -44,9 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Run under torchrun for DDP across processes.",
         epilog="Trailing KEY VALUE pairs override the config, as on the original's command "
         "line (e.g. TRAIN.PARAMS_FILE in.pkl SOLVER.MAX_ITER 1000 MODEL.NUM_CLASSES 101). "
-        "The checkpoints are locked while a run writes them (OUTPUT_DIR/checkpoints.lock; a "
-        "second trainer is refused) and never replace an input. Exit status: 0 done, 2 error "
-        "(one line 'vnl-train: error: ...'), 130/143 interrupted.",
+        "Running the same command again continues from the newest checkpoint (CHECKPOINT.RESUME "
+        "True, the original's default). The checkpoints are locked while a run writes them "
+        "(OUTPUT_DIR/checkpoints.lock; a second trainer is refused) and never replace an input; "
+        "OUTPUT_DIR/metrics.jsonl records every logged iteration and validation. Exit status: "
+        "0 done, 2 error or a non-finite loss or update (one line 'vnl-train: error: ...'), "
+        "130/143 interrupted.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--cfg", help="original-format YAML config file")
@@ -55,11 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val-list", help="list for TRAIN.EVAL_PERIOD validation and the test")
     parser.add_argument("--data-root", help="folder the list paths are taken under")
     parser.add_argument("--output-dir", required=True, help="checkpoints and logs go here")
-    parser.add_argument(
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument(
         "--resume",
         action="store_true",
-        help="continue from the newest complete checkpoint in --output-dir (same config and "
-        "lists required)",
+        help="continue from the newest checkpoint in --output-dir, as CHECKPOINT.RESUME True "
+        "(the default) does: running the same command again continues the run (same config, "
+        "lists and settings required); also from the original's c2_model_iter<N>.pkl",
+    )
+    start.add_argument(
+        "--start-over",
+        action="store_true",
+        help="delete the checkpoints in --output-dir (and restart metrics.jsonl) and start a "
+        "new run; needed when the folder holds checkpoints and CHECKPOINT.RESUME is False",
     )
     parser.add_argument(
         "--accumulate",
@@ -76,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--no-caffe2", action="store_true", help="do not write c2_model_iter<N>.pkl files"
+    )
+    parser.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write the metrics as TensorBoard scalars to OUTPUT_DIR/tensorboard (needs "
+        "the tensorboard package); OUTPUT_DIR/metrics.jsonl is written either way",
     )
     parser.add_argument(
         "--workers",
@@ -122,6 +139,8 @@ def _run(args: argparse.Namespace) -> int:
             val_list=args.val_list,
             data_root=args.data_root,
             resume=args.resume,
+            start_over=args.start_over,
+            tensorboard=args.tensorboard,
             accumulate=args.accumulate,
             precision=args.precision,
             write_caffe2=not args.no_caffe2,
