@@ -21,8 +21,6 @@ from nonlocal_net.core.config import ConfigError, get_cfg
 from nonlocal_net.core.weights_file import WeightsFileError
 from nonlocal_net.core.zoo import UnknownModelError
 from nonlocal_net.utils.cli import finite_float, nonnegative_int
-from nonlocal_net.utils.io import check_destination
-from nonlocal_net.utils.lock import output_lock
 from nonlocal_net.utils.log import (
     EXIT_OK,
     add_logging_arguments,
@@ -66,8 +64,10 @@ momentum, lr and model_iter are reported, not loaded. A BN checkpoint loaded int
 MODEL.USE_AFFINE model is folded as the original's convert_to_finetune.py folds it.
 Initialising for training: --inflate (2-D ImageNet weights) and --finetune keep the model's own
 initial classifier when the class count differs and its non-local blocks when the file has none.
-DST is never an input (same file through links too) and is locked while written; blobs with
-NaN/Inf or negative variances are refused unless --allow-nonfinite.
+DST is never an input (same file through links too) and is locked while written; an existing
+DST is replaced only when it is this command's kind of output (a converted checkpoint, or for
+--to-caffe2/--ftvideo/--blob-rm a Caffe2 checkpoint), else --overwrite. Blobs with NaN/Inf or
+negative variances are refused in every mode unless --allow-nonfinite.
 Exit status: 0 done, 2 error (one line 'vnl-convert: error: ...'), 130/143 interrupted.
 """
 
@@ -137,7 +137,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="write the flat dict of the original's conversion scripts instead of {'blobs': ...}",
     )
-    export.add_argument("--lr", type=finite_float, default=None, help="the file's lr entry")
+    export.add_argument(
+        "--lr",
+        type=positive_finite_float,
+        default=None,
+        help="the file's lr entry (finite, > 0; default: the lr the source was converted from, "
+        "else the config's SOLVER.BASE_LR)",
+    )
     export.add_argument(
         "--model-iter",
         type=nonnegative_int,
@@ -168,6 +174,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_intermixed_args(argv)
     _split_positionals(parser, args)
     return args
+
+
+def positive_finite_float(text: str) -> float:
+    """A finite ``float`` > 0 (argparse ``type=``): a learning rate."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
 
 
 def _split_positionals(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -202,15 +216,7 @@ def _safe_lines(text: str) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     if args.ft_mode or args.to_caffe2:
-        check_destination(
-            args.dst,
-            [args.src],
-            what="Caffe2 checkpoint",
-            is_own_output=_is_pickle,
-            replace_foreign=args.overwrite,
-        )
-        with output_lock(args.dst):
-            return _write_finetune(args) if args.ft_mode else _export(args)
+        return _write_finetune(args) if args.ft_mode else _export(args)
     cfg = get_cfg(args.model or args.cfg, args.overrides)
     options = dict(
         inflate=args.inflate, finetune=args.finetune, fold_bn=False if args.no_fold_bn else None
@@ -238,13 +244,14 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _is_pickle(path: str) -> bool:
-    with open(path, "rb") as f:
-        return f.read(1) in (b"\x80", b"(", b"}")
-
-
 def _write_finetune(args: argparse.Namespace) -> int:
-    out = write_finetune_file(args.src, args.dst, args.ft_mode)
+    out = write_finetune_file(
+        args.src,
+        args.dst,
+        args.ft_mode,
+        allow_nonfinite=args.allow_nonfinite,
+        overwrite=args.overwrite,
+    )
     print(
         _safe_lines(
             f"{args.src} -> {args.dst}: {len(out)} entries ({args.ft_mode}, flat, protocol 0)"
@@ -261,6 +268,8 @@ def _export(args: argparse.Namespace) -> int:
         wrapped=not args.flat,
         lr=args.lr,
         model_iter=args.model_iter,
+        allow_nonfinite=args.allow_nonfinite,
+        overwrite=args.overwrite,
     )
     print(
         f"{args.src} -> {result.path}: {len(result.blobs)} blobs, lr {result.lr:.6g}, "

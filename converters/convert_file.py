@@ -17,12 +17,10 @@ from nonlocal_net.core.config import get_cfg
 from nonlocal_net.core.weights_file import is_converted_file, save_weights_file, weights_payload
 from nonlocal_net.utils.io import check_destination, remove_stale_temporaries
 from nonlocal_net.utils.lock import output_lock
-from nonlocal_net.utils.log import terminal_safe
-from nonlocal_net.utils.numeric import check_finite
 from nonlocal_net.version import __version__
 
+from .checks import refuse_nonfinite
 from .convert import ConversionReport, convert_blobs
-from .errors import ConversionError
 from .reader import Caffe2Pkl, read_caffe2_pkl
 
 __all__ = [
@@ -164,17 +162,6 @@ def convert_checkpoint(
 
 def check_blobs_finite(pkl: Caffe2Pkl, allow: bool) -> None:
     """Refuse (``ConversionError``) or, with ``allow``, warn about blobs holding NaN/Inf values
-    or negative BN variances (``*_riv``), one line per blob, names printed terminal-safe."""
-    problems = check_finite(pkl.blobs.items(), negative_ok=lambda n: not n.endswith("_riv"))
-    if not problems:
-        return
-    shown = [terminal_safe(p) for p in problems]
-    if allow:
-        for line in shown:
-            logger.warning("%s: %s (written anyway: --allow-nonfinite)", pkl.path, line)
-        return
-    listed = "; ".join(shown[:5]) + (f"; ... ({len(shown)} blobs in all)" if len(shown) > 5 else "")
-    raise ConversionError(
-        f"{pkl.path}: {len(shown)} blobs hold non-finite values or negative variances "
-        f"({listed}); pass --allow-nonfinite to write them anyway"
-    )
+    or negative BN variances (``*_riv``), one line per blob, names printed terminal-safe
+    (:func:`.checks.refuse_nonfinite`)."""
+    refuse_nonfinite(pkl.blobs, pkl.path, allow)

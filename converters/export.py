@@ -21,7 +21,10 @@ from torch import nn
 
 from nonlocal_net.core.config import cfg_from_dict, get_default_cfg
 from nonlocal_net.core.weights_file import load_weights_file
+from nonlocal_net.utils.io import check_destination, remove_stale_temporaries
+from nonlocal_net.utils.lock import output_lock
 
+from .checks import check_lr, is_caffe2_checkpoint, refuse_nonfinite
 from .errors import ConversionError
 from .names import try_state_dict_key_to_blob
 from .writer import write_caffe2_pkl
@@ -90,6 +93,8 @@ def export_caffe2(
     wrapped: bool = True,
     lr: float | None = None,
     model_iter: int | None = None,
+    allow_nonfinite: bool = False,
+    overwrite: bool = False,
 ) -> Caffe2Export:
     """Write converted weights as a Caffe2 checkpoint.
 
@@ -102,18 +107,38 @@ def export_caffe2(
         lr: the ``lr`` entry; by default the source file's ``lr`` recorded at conversion, else
             the config's ``SOLVER.BASE_LR``.
         model_iter: write a ``model_iter`` entry (omitted by default).
+        allow_nonfinite: write blobs with NaN/Inf values or negative BN variances (default:
+            refused, as by plain conversion, :func:`.checks.refuse_nonfinite`).
+        overwrite: replace ``pkl_path`` even when it is not a Caffe2 checkpoint
+            (:func:`.checks.is_caffe2_checkpoint`); it is never the source.
+
+    ``lr`` must be finite and positive. ``pkl_path`` is locked while written; temporaries of a
+    killed earlier run are removed.
     """
-    state_dict, meta, cfg, name = _load_source(source)
-    params = state_dict_to_blobs(state_dict, source=name)
-    blobs: dict[str, Any] = dict(params)
-    if lr is None:
-        lr = meta.get("source_lr")
-    if lr is None:
-        lr = (cfg if cfg is not None else get_default_cfg()).SOLVER.BASE_LR
-    blobs["lr"] = np.array(lr, dtype=np.float32) if wrapped else float(lr)
-    if model_iter is not None:
-        blobs["model_iter"] = int(model_iter)
-    write_caffe2_pkl(blobs, pkl_path, protocol=protocol, wrapped=wrapped)
+    dst = os.fspath(pkl_path)
+    source_path = None if isinstance(source, (nn.Module, Mapping)) else os.fspath(source)
+    check_destination(
+        dst,
+        [source_path],
+        what="Caffe2 checkpoint",
+        is_own_output=is_caffe2_checkpoint,
+        replace_foreign=overwrite,
+    )
+    with output_lock(dst):
+        remove_stale_temporaries(dst)  # left by an export killed with SIGKILL
+        state_dict, meta, cfg, name = _load_source(source)
+        params = state_dict_to_blobs(state_dict, source=name)
+        refuse_nonfinite(params, name, allow_nonfinite)
+        blobs: dict[str, Any] = dict(params)
+        if lr is None:
+            lr = meta.get("source_lr")
+        if lr is None:
+            lr = (cfg if cfg is not None else get_default_cfg()).SOLVER.BASE_LR
+        lr = check_lr(lr, f"{name}: the lr entry")
+        blobs["lr"] = np.array(lr, dtype=np.float32) if wrapped else float(lr)
+        if model_iter is not None:
+            blobs["model_iter"] = int(model_iter)
+        write_caffe2_pkl(blobs, dst, protocol=protocol, wrapped=wrapped)
     shapes = {k: tuple(v.shape) for k, v in params.items()}
     logger.info("wrote %s: %d blobs, lr %.6g", os.fspath(pkl_path), len(shapes), float(lr))
     return Caffe2Export(os.fspath(pkl_path), shapes, float(lr), model_iter, protocol, wrapped)

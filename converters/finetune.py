@@ -20,7 +20,10 @@ Both scripts write a *flat* dict (no ``{'blobs': ...}``) with pickle protocol 0 
 Python float; :func:`write_finetune_file` does the same through the project's Python-2-compatible
 writer. Unlike the original scripts, wrapped and flat inputs are both accepted, a missing
 ``model_iter`` is not an error, and a BN prefix without its running statistics is reported by
-name instead of a ``KeyError``.
+name instead of a ``KeyError``. Both refuse what plain conversion refuses (non-finite values,
+negative variances, a destination that is an input or not a Caffe2 checkpoint), and refuse
+entries that are not arrays where the original script would have kept them (it deletes entries
+by name only, whatever their type, and pickles the rest as they are).
 
 :func:`reinit_pred` gives a model a fresh classifier for ``MODEL.NUM_CLASSES K``, as the
 original's training initialiser does when the file's ``pred`` has another size: weights
@@ -31,14 +34,19 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from nonlocal_net.utils.io import check_destination, remove_stale_temporaries
+from nonlocal_net.utils.lock import output_lock
+from nonlocal_net.utils.log import terminal_safe
+
+from .checks import is_caffe2_checkpoint, refuse_nonfinite
 from .errors import ConversionError
-from .reader import read_caffe2_pkl
+from .reader import Caffe2Pkl, read_caffe2_pkl
 from .transforms import fold_bn
 from .writer import write_caffe2_pkl
 
@@ -112,32 +120,82 @@ FINETUNE_MODES = {
 }
 
 
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.abspath(a) == os.path.abspath(b)
+# the entries each original script deletes by name; any other non-array entry would be written
+# into the file as it is (a list, a dict), where the original's loader cannot feed it as a blob
+_DROPPED_BY_NAME: dict[str, Callable[[str], bool]] = {
+    "ftvideo": lambda name: "pred" in name or "momentum" in name,
+    "blob-rm": lambda name: (
+        name == "model_iter" or any(s in name for s in ("_riv", "_rm", "_momentum", "pred"))
+    ),
+}
+
+
+def _refuse_non_arrays(ckpt: Caffe2Pkl, mode: str) -> None:
+    """Refuse entries that are not arrays (lists, nested dicts, strings) unless the original's
+    script deletes them by name (then they are dropped as it drops them)."""
+    dropped = _DROPPED_BY_NAME[mode]
+    kept = [name for name in ckpt.other if not dropped(name)]
+    if kept:
+        shown = ", ".join(
+            f"{terminal_safe(n)} ({type(ckpt.other[n]).__name__})" for n in kept[:5]
+        ) + (f", ... ({len(kept)} in all)" if len(kept) > 5 else "")
+        raise ConversionError(
+            f"{ckpt.path}: {len(kept)} entries are not arrays ({shown}); a Caffe2 blob is an "
+            f"array, and --{mode} would keep them"
+        )
+    for name in ckpt.other:
+        logger.info(
+            "%s: dropping the non-array entry %s (%s)", ckpt.path, terminal_safe(name), mode
+        )
 
 
 def write_finetune_file(
-    src: str | os.PathLike, dst: str | os.PathLike, mode: str
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    mode: str,
+    *,
+    allow_nonfinite: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Read the Caffe2 checkpoint ``src`` (safely), apply ``mode`` (``"ftvideo"``:
     :func:`modify_caffe2_ftvideo`, ``"blob-rm"``: :func:`modify_blob_rm`) and write the result
     as the original scripts do (flat dict, pickle protocol 0), atomically. Returns the blobs
-    written. ``dst`` may not be ``src``."""
+    written.
+
+    Refused (``ConversionError`` / ``OutputError``, nothing written), as by plain conversion:
+    ``dst`` the same file as ``src``; ``dst`` an existing file that is not a Caffe2 checkpoint
+    (:func:`.checks.is_caffe2_checkpoint`) unless ``overwrite``; blobs of ``src`` with NaN/Inf
+    values or negative BN variances, or a result with non-finite values (a BN fold that
+    overflows), unless ``allow_nonfinite``; entries that are not arrays and that the original
+    script would keep. ``dst`` is locked while written; temporaries of a killed earlier run are
+    removed."""
     if mode not in FINETUNE_MODES:
         raise ValueError(f"unknown fine-tuning conversion {mode!r}; one of {list(FINETUNE_MODES)}")
     src, dst = os.fspath(src), os.fspath(dst)
-    if _same_file(src, dst):
-        raise ConversionError(f"{dst}: the destination is the source file; choose another name")
-    ckpt = read_caffe2_pkl(src, load_momentum=False)  # momentum is dropped by both modes
-    entries = dict(ckpt.blobs)
-    for name, value in (("lr", ckpt.lr), ("model_iter", ckpt.model_iter), ("epoch", ckpt.epoch)):
-        if value is not None:
-            entries[name] = value
-    out = FINETUNE_MODES[mode](entries)
-    write_caffe2_pkl(out, dst, protocol=0, wrapped=False)
+    check_destination(
+        dst,
+        [src],
+        what="Caffe2 checkpoint",
+        is_own_output=is_caffe2_checkpoint,
+        replace_foreign=overwrite,
+    )
+    with output_lock(dst):
+        remove_stale_temporaries(dst)  # left by a conversion killed with SIGKILL
+        ckpt = read_caffe2_pkl(src, load_momentum=False)  # momentum is dropped by both modes
+        _refuse_non_arrays(ckpt, mode)
+        warned = refuse_nonfinite(ckpt.blobs, src, allow_nonfinite)
+        entries = dict(ckpt.blobs)
+        for name, value in (
+            ("lr", ckpt.lr),
+            ("model_iter", ckpt.model_iter),
+            ("epoch", ckpt.epoch),
+        ):
+            if value is not None:
+                entries[name] = value
+        out = FINETUNE_MODES[mode](entries)
+        if not warned:  # a fold can overflow: the result is checked too
+            refuse_nonfinite(out, f"{src} (after --{mode})", allow_nonfinite)
+        write_caffe2_pkl(out, dst, protocol=0, wrapped=False)
     logger.info("wrote %s (%s): %d entries", dst, mode, len(out))
     return out
 

@@ -10,6 +10,10 @@ Every command that writes a file goes through these helpers, so the rules hold e
   so the ``except BaseException`` clauses of the writers remove their temporary files exactly as
   for Ctrl-C (``KeyboardInterrupt``). The CLI wrapper (:func:`.log.run_reporting_errors`)
   installs it for every command.
+* Inside :func:`atomic_write` / :func:`atomic_path` a signal is also *recorded* before its
+  handler runs: a writer in C++ (``torch.save`` into a file object) turns the exception raised in
+  its write callback into a ``RuntimeError`` (``[enforce fail at inline_container.cc] unexpected
+  pos``); the recorded signal is raised again in its place (exit 130/143, not 2).
 * :func:`check_destination`: refuses a destination that is the same file as any input (through
   links and relative paths too), and one that exists but is not the command's own kind of
   output unless the caller passes ``replace_foreign=True`` (the command's ``--overwrite``).
@@ -98,6 +102,46 @@ def install_signal_cleanup() -> None:
         for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
             if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, None):
                 signal.signal(sig, _raise_terminated)
+
+
+class _SignalRecorder:
+    """While active, SIGINT/SIGTERM/SIGHUP are noted (``self.signum``) and then handled by the
+    handler that was installed before (which raises ``KeyboardInterrupt`` or
+    :class:`Terminated`). Signals whose handler is not a Python function are left alone."""
+
+    _SIGNALS = tuple(
+        s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None
+    )
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Callable] = {}
+
+    def _record(self, signum, frame) -> None:
+        self.signum = signum
+        self._previous[signum](signum, frame)
+
+    def __enter__(self) -> _SignalRecorder:
+        with contextlib.suppress(ValueError):  # not the main thread: nothing to record
+            for sig in self._SIGNALS:
+                previous = signal.getsignal(sig)
+                if callable(previous):
+                    self._previous[sig] = previous
+                    signal.signal(sig, self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+    def reraise_if_swallowed(self, error: BaseException) -> None:
+        """Raise the recorded signal's exception when ``error`` is what a C++ writer made of it
+        (anything but the ``KeyboardInterrupt`` / ``SystemExit`` the handler raised)."""
+        if self.signum is None or isinstance(error, (KeyboardInterrupt, SystemExit)):
+            return
+        if self.signum == signal.SIGINT:
+            raise KeyboardInterrupt from error
+        raise Terminated(128 + self.signum) from error
 
 
 def temporary_sibling(path: str | os.PathLike) -> Path:
@@ -215,20 +259,22 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(target)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-        fsync_directory(target.parent)
-    except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        failed = _write_error(target, e) if isinstance(e, OSError) else None
-        if failed is not None:
-            raise failed from e
-        raise
+    with _SignalRecorder() as signals:
+        try:
+            with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+            fsync_directory(target.parent)
+        except BaseException as e:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            signals.reraise_if_swallowed(e)
+            failed = _write_error(target, e) if isinstance(e, OSError) else None
+            if failed is not None:
+                raise failed from e
+            raise
 
 
 @contextlib.contextmanager
@@ -243,22 +289,24 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(target)
     tmp = tmp.with_name(tmp.name + suffix)
-    try:
-        yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
+    with _SignalRecorder() as signals:
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-        fsync_directory(target.parent)
-    except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        failed = _write_error(target, e) if isinstance(e, OSError) else None
-        if failed is not None:
-            raise failed from e
-        raise
+            yield tmp
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, target)
+            fsync_directory(target.parent)
+        except BaseException as e:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            signals.reraise_if_swallowed(e)
+            failed = _write_error(target, e) if isinstance(e, OSError) else None
+            if failed is not None:
+                raise failed from e
+            raise
 
 
 def hostname() -> str:
