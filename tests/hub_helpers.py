@@ -18,6 +18,7 @@ from pathlib import Path
 
 from nonlocal_net.converters.synthetic import write_synthetic_checkpoint
 from nonlocal_net.core import zoo
+from nonlocal_net.core.config import get_cfg
 
 TINY = "i3d_baseline_tiny_test_400k"
 TINY_OVERRIDES = (
@@ -28,8 +29,11 @@ TINY_OVERRIDES = (
 )  # fmt: skip
 
 
+BASE = "i3d_baseline_8x8_IN_pretrain_400k"
+
+
 def tiny_entry(sha256: str | None = None) -> zoo.ZooEntry:
-    base = zoo.ZOO["i3d_baseline_8x8_IN_pretrain_400k"]
+    base = zoo.ZOO[BASE]
     return dataclasses.replace(
         base, name=TINY, overrides=base.overrides + TINY_OVERRIDES, sha256=sha256
     )
@@ -40,11 +44,12 @@ def install_tiny_entry(sha256: str | None = None) -> None:
     zoo.ZOO[TINY] = tiny_entry(sha256)
 
 
-def write_release(folder: Path, name: str = TINY, seed: int = 0) -> Path:
-    """A synthetic checkpoint under the released file name, as a mirror folder holds it."""
+def write_release(folder: Path, seed: int = 0) -> Path:
+    """The stand-in's synthetic checkpoint under its released file name, as a mirror holds it."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.pkl"
-    write_synthetic_checkpoint(path, name, seed=seed, momentum=False)
+    path = folder / f"{TINY}.pkl"
+    cfg = get_cfg(BASE, TINY_OVERRIDES)  # what the stand-in entry's name gives
+    write_synthetic_checkpoint(path, cfg, seed=seed, momentum=False)
     return path
 
 
