@@ -23,12 +23,13 @@ from .converters.sniff import looks_like_pickle
 from .core.config import CfgLike
 from .core.hub import is_zoo_name
 from .core.weights_file import WeightsFileError
+from .datasets.class_names import class_names_for
 from .models.model_builder import build_model, model_from_weights
 from .models.model_builder import load_model as load_weights_model
 from .models.resnet_video import ResNetVideo
 from .pretrained import resolve_weights
 
-__all__ = ["create_model", "load_model"]
+__all__ = ["class_names", "create_model", "load_model"]
 
 
 def looks_like_caffe2_pkl(path: str) -> bool:
@@ -110,3 +111,17 @@ def create_model(
     if {k: tuple(v.shape) for k, v in loaded.state_dict().items()} != shapes:
         raise ValueError(f"{path}: its stored config builds another network than {name!r}")
     return loaded
+
+
+def class_names(
+    model: torch.nn.Module | int, labels: str | os.PathLike | None = None
+) -> list[str] | None:
+    """Names of ``model``'s classes (a model, or its number of classes), indexed by class id:
+    read from ``labels`` (the original's ``classids.json`` or one name per line) when given, else
+    the built-in Kinetics-400 names for a 400-class model, else ``None``."""
+    if isinstance(model, int):
+        num_classes = model
+    else:
+        cfg = getattr(model, "cfg", None)
+        num_classes = int(cfg.MODEL.NUM_CLASSES) if cfg is not None else model.pred.out_features
+    return class_names_for(num_classes, labels)

@@ -14,6 +14,9 @@ existing file is returned unchanged (a file always wins over a name); a released
   that no longer matches its record is refused.
 
 Anything else is returned unchanged, so the caller's own "no such file" error stays as it was.
+
+:func:`load_model` is :func:`nonlocal_net.models.load_model` through the resolver: what the
+commands (``vnl-test``, ``vnl-predict``, ``vnl-extract``) load ``--weights`` with.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
+
+import torch
 
 from .converters.convert_file import convert_caffe2_pkl, converter_version
 from .core.hub import (
@@ -32,10 +38,12 @@ from .core.hub import (
     waiting_lock,
 )
 from .core.weights_file import save_weights_file
+from .models.model_builder import load_model as _load_weights_file
+from .models.resnet_video import ResNetVideo
 from .utils.download import file_sha256
 from .utils.io import atomic_write
 
-__all__ = ["converted_released", "resolve_weights"]
+__all__ = ["converted_released", "load_model", "resolve_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +58,17 @@ def resolve_weights(spec: str | os.PathLike, *, caffe2: bool = False, progress: 
     if caffe2:
         return fetch_released(text, progress=progress)
     return converted_released(text, progress=progress)
+
+
+def load_model(
+    weights: str | os.PathLike,
+    split: str = "test",
+    overrides: Sequence[str] = (),
+    map_location: str | torch.device = "cpu",
+) -> ResNetVideo:
+    """:func:`nonlocal_net.models.load_model` of ``weights``, a weights file or a released
+    model's name (:func:`resolve_weights`)."""
+    return _load_weights_file(resolve_weights(weights), split, overrides, map_location)
 
 
 def _record_path(path: str) -> str:

@@ -41,7 +41,7 @@ from ..datasets.stream import (
     view_loader,
 )
 from ..datasets.video_list import read_video_list
-from ..models.model_builder import load_model
+from ..pretrained import load_model  # a weights file or a released model's name
 from ..utils.io import check_destination
 from ..utils.lock import output_lock
 from ..utils.numeric import finite_rows

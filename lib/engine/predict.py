@@ -17,7 +17,7 @@ import torch
 
 from ..datasets.protocol import TestProtocol
 from ..datasets.views import VideoMeta, load_test_video
-from ..models.model_builder import load_model
+from ..pretrained import load_model  # a weights file or a released model's name
 from .inference import prepare_for_inference
 
 __all__ = ["Prediction", "predict_video"]
