@@ -230,6 +230,9 @@ class ZooEntry:
     init: str
     paper_top1: float | None = None
     notes: str = ""
+    # The released file's SHA-256 where it is known (the original publishes none); when set,
+    # the download cache checks it instead of the one recorded at the first download.
+    sha256: str | None = None
 
     @property
     def filename(self) -> str:

@@ -16,7 +16,7 @@ import os
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
 
-from .class_names import read_class_names
+from .class_names import class_names_for, kinetics400_class_names, read_class_names
 from .decoders import (
     DECODER_THREADS,
     MAX_DECODING_FRAMES,
@@ -46,12 +46,14 @@ __all__ = [
     "ViewChunk",
     "ViewStream",
     "available_backends",
+    "class_names_for",
     "clip_frame_indices",
     "clip_start",
     "crop_offsets",
     "decode_selected",
     "decode_video",
     "decoding_signature",
+    "kinetics400_class_names",
     "load_test_video",
     "read_class_names",
     "read_video_list",

@@ -20,7 +20,7 @@ import torch
 from ..datasets.decoders import available_backends
 from ..datasets.stream import VideoItem
 from ..datasets.video_list import ListEntry, VideoList, read_video_list
-from ..models.model_builder import load_model
+from ..pretrained import load_model  # a weights file or a released model's name
 from ..utils.io import OutputError, check_destination
 from ..utils.lock import output_lock
 from ..version import __version__
@@ -73,7 +73,9 @@ def load_test_model(
             raise ValueError("overrides apply to weights loaded from a file, not to a given model")
         return model
     if weights is None:
-        raise ValueError(f"{caller}() needs weights (a converted .pt file) or a model")
+        raise ValueError(
+            f"{caller}() needs weights (a converted .pt file or a released model's name) or a model"
+        )
     return load_model(weights, split="test", overrides=overrides)
 
 

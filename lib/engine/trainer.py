@@ -50,6 +50,7 @@ from ..datasets.train_clips import (
 )
 from ..datasets.video_list import read_video_list
 from ..models.model_builder import build_model
+from ..pretrained import resolve_weights
 from . import solver
 from .arithmetic import run_arithmetic
 from .bn_helper import compute_precise_bn
@@ -173,6 +174,7 @@ def initialise_from_params_file(model: torch.nn.Module, cfg, path: str) -> int:
     of another class count dropped, layers the file lacks keep their initialisers, BN
     statistics folded into frozen affines for affine models. Returns the file's
     ``model_iter`` (the original's start iteration) or 0."""
+    path = resolve_weights(path, caffe2=True)  # a released model's name: its cached .pkl
     if not os.path.isfile(path):
         raise TrainingError(f"TRAIN.PARAMS_FILE {path}: no such file")
     blobs, model_iter = _params_file_blobs(path)

@@ -18,7 +18,7 @@ import sys
 from ..datasets.decoders import BACKENDS
 from ..engine.extract import ExtractOptions, extract_features, layer_names
 from ..engine.inference import add_precision_arguments
-from ..models.model_builder import load_model
+from ..pretrained import load_model  # a weights file or a released model's name
 from ..utils.cli import (
     add_device_argument,
     add_overrides_argument,
@@ -56,7 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Exit status: 0 done, 1 internal error (traceback), 2 error (one line "
         "'vnl-extract: error: ...'), 130/143 interrupted.",
     )
-    parser.add_argument("--weights", required=True, help="converted checkpoint (.pt)")
+    parser.add_argument(
+        "--weights",
+        required=True,
+        help="converted checkpoint (.pt), or a released model's name "
+        "(downloaded and converted once, then cached)",
+    )
     parser.add_argument("--list", dest="list_file", help="'<path> <label>' lines")
     parser.add_argument("--output", help="HDF5 file for the features (crash-safe)")
     parser.add_argument("--data-root", help="folder of the videos (as in vnl-test)")

@@ -11,7 +11,7 @@ import logging
 
 import numpy as np
 
-from ..datasets.class_names import read_class_names
+from ..datasets.class_names import class_names_for
 from ..datasets.decoders import BACKENDS
 from ..engine.inference import add_precision_arguments
 from ..engine.predict import PredictOptions, predict_video
@@ -48,11 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
         "2 error (one line 'vnl-predict: error: ...').",
     )
     parser.add_argument("video", help="video file")
-    parser.add_argument("--weights", required=True, help="converted checkpoint (.pt)")
+    parser.add_argument(
+        "--weights",
+        required=True,
+        help="converted checkpoint (.pt), or a released model's name "
+        "(downloaded and converted once, then cached)",
+    )
     parser.add_argument(
         "--labels",
         help="class names: the original's classids.json (name -> id) or one name per line "
-        "(default: class indices)",
+        "(default: the built-in Kinetics-400 names for a 400-class model, else class indices)",
     )
     parser.add_argument("--topk", type=positive_int, default=5, help="classes to print (default 5)")
     parser.add_argument(
@@ -111,9 +116,7 @@ def _run(args: argparse.Namespace) -> int:
             replace_foreign=args.overwrite,
         )
     prediction = predict_video(args.video, args.weights, options=options_from_args(args))
-    names = None
-    if args.labels:
-        names = read_class_names(args.labels, num_classes=len(prediction.scores))
+    names = class_names_for(len(prediction.scores), args.labels)  # built in for Kinetics-400
     if args.features:
         with output_lock(args.features), atomic_write(args.features) as f:
             np.save(f, prediction.features)

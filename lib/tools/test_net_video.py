@@ -48,7 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         "locked while a run writes them and are never one of the inputs. Exit status: 0 done, "
         "2 error (one line 'vnl-test: error: ...'), 130/143 interrupted.",
     )
-    parser.add_argument("--weights", required=True, help="converted checkpoint (.pt)")
+    parser.add_argument(
+        "--weights",
+        required=True,
+        help="converted checkpoint (.pt), or a released model's name "
+        "(downloaded and converted once, then cached)",
+    )
     parser.add_argument("--list", required=True, dest="list_file", help="'<path> <label>' lines")
     parser.add_argument(
         "--data-root",

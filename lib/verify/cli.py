@@ -6,6 +6,7 @@
     vnl-verify SRC.pkl DST.pt [--model <zoo name>] [KEY VALUE ...]  # checks a converted file
     vnl-verify SRC.pkl --cfg FILE.yaml [--split val] [--frames T --crop S --seed N]
     vnl-verify SRC.pkl --model <zoo name> --video clip.mp4 [--view K]  # a real video's test view
+    vnl-verify <zoo name> [...]             # the released .pkl, downloaded once into the cache
 
 Runs the original network (reference executor, float64, on SRC's blobs) and the PyTorch model
 (float32 and float64) on the same seeded random clip (or test view of a video), prints a
@@ -23,6 +24,7 @@ import sys
 
 from ..converters.errors import Caffe2FormatError, ConversionError
 from ..core.config import ConfigError
+from ..core.hub import is_zoo_name
 from ..core.weights_file import WeightsFileError
 from ..core.zoo import UnknownModelError
 from ..datasets import VideoDecodeError
@@ -86,8 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "args",
         nargs="*",
         metavar="SRC [DST] [KEY VALUE ...]",
-        help="the Caffe2 .pkl, optionally a converted .pt/.safetensors to check instead of "
-        "converting SRC in memory, then config overrides",
+        help="the Caffe2 .pkl (or a released model's name: its cached download), optionally a "
+        "converted .pt/.safetensors to check instead of converting SRC in memory, then config "
+        "overrides",
     )
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--model", metavar="NAME", help="zoo name of SRC's model")
@@ -184,6 +187,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.overrides = rest
     if len(rest) % 2:
         parser.error(f"overrides must be KEY VALUE pairs, got {len(rest)} items: {rest}")
+    if args.dst is None and not (args.model or args.cfg) and is_zoo_name(args.src):
+        args.model = args.src  # a released model's name is its own model
     if args.dst is None and not (args.model or args.cfg):
         parser.error("one of --model NAME or --cfg FILE.yaml is required without DST")
     if args.video and args.frames is not None:

@@ -23,6 +23,7 @@ from ..converters.reader import read_caffe2_pkl
 from ..core.config import cfg_to_dict, get_cfg
 from ..datasets import TestProtocol, load_test_video
 from ..models.model_builder import build_model, load_model
+from ..pretrained import resolve_weights
 from ..reference import GraphError, build_graph, config_crop_size
 from .compare import ParityReport, compare_layers
 
@@ -165,6 +166,7 @@ def verify_checkpoint(
     overrides = list(overrides)
     if model is None and dst is None:
         raise ValueError("give the model (zoo name or YAML config) of SRC, or a converted DST")
+    src = resolve_weights(src, caffe2=True)  # a released model's name: its cached .pkl
     ckpt = read_caffe2_pkl(src, load_momentum=False)
     logger.info("%s: %s", src, ckpt.describe())
     if dst is not None:
