@@ -29,6 +29,8 @@ import logging
 import sys
 from collections.abc import Callable
 
+from tqdm import tqdm
+
 from .io import install_signal_cleanup
 
 __all__ = [
@@ -36,10 +38,12 @@ __all__ = [
     "EXIT_FAIL",
     "EXIT_OK",
     "INPUT_ERRORS",
+    "BarAwareHandler",
     "add_logging_arguments",
     "run_reporting_errors",
     "setup_logging",
     "terminal_safe",
+    "write_line",
 ]
 
 EXIT_OK, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
@@ -78,6 +82,33 @@ class _SafeFormatter(logging.Formatter):
         return terminal_safe(head) + (sep + tail if sep else "")
 
 
+def write_line(text: str, file=None) -> None:
+    """Write one line to ``file`` (default: the current ``sys.stderr``) through the progress
+    bars' writer: every open bar on stdout/stderr is cleared first and redrawn below the line,
+    so the line never ends up glued to a bar (``tqdm.write``)."""
+    stream = sys.stderr if file is None else file
+    tqdm.write(text, file=stream)
+    stream.flush()
+
+
+class BarAwareHandler(logging.Handler):
+    """A logging handler that writes each record with :func:`write_line`, to the
+    ``sys.stderr`` of the moment (so a redirected or captured stderr gets the lines).
+
+    Why: a progress bar redraws its line with ``\\r`` and no newline; a record written straight
+    to stderr would continue that line (``...clips_s=1.5]08:02:12 ERROR ...``). Through the
+    bars' writer the bar is erased, the record gets a line of its own, and the bar is redrawn
+    after it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            write_line(self.format(record))
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+
 def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``-v/--verbose`` and ``-q/--quiet`` counters every command line shares."""
     parser.add_argument(
@@ -88,13 +119,14 @@ def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
 
 def setup_logging(verbosity: int = 0) -> None:
     """Log to stderr: INFO by default, DEBUG with ``-v``, WARNING with ``-q`` (verbosity < 0).
-    Messages are printed terminal-safe (:func:`terminal_safe`)."""
+    Messages are printed terminal-safe (:func:`terminal_safe`) through the progress bars'
+    writer (:class:`BarAwareHandler`), so no log line shares a line with a bar."""
     level = logging.INFO
     if verbosity > 0:
         level = logging.DEBUG
     elif verbosity < 0:
         level = logging.WARNING
-    handler = logging.StreamHandler(sys.stderr)
+    handler = BarAwareHandler()
     handler.setFormatter(
         _SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     )
@@ -123,11 +155,11 @@ def run_reporting_errors(
     except KeyboardInterrupt:
         if verbose:
             raise
-        print(f"{prog}: interrupted", file=sys.stderr)
+        write_line(f"{prog}: interrupted")
         return EXIT_INTERRUPTED
     except SystemExit as e:
         if isinstance(e.code, int) and e.code >= 128 and not verbose:
-            print(f"{prog}: terminated", file=sys.stderr)
+            write_line(f"{prog}: terminated")
         raise
     except (*INPUT_ERRORS, *expected) as e:
         if verbose:
@@ -135,5 +167,5 @@ def run_reporting_errors(
         message = str(e) or type(e).__name__
         if isinstance(e, MemoryError):
             message = f"out of memory ({message})"
-        print(f"{prog}: error: {terminal_safe(message)}", file=sys.stderr)
+        write_line(f"{prog}: error: {terminal_safe(message)}")
         return error_status
