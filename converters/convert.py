@@ -14,7 +14,9 @@ loads as FC ``(K, 2048)`` or test conv ``(K, 2048, 1, 1, 1)``; a BN checkpoint l
 (``MODEL.USE_AFFINE``) model is folded as ``convert_to_finetune.py`` folds it; with ``inflate`` 2-D
 weights are inflated to 3-D; with ``inflate`` or ``finetune`` a ``pred`` of another class count is
 dropped and the model's own initial classifier kept, and so are non-local blocks the file does not
-have (the ImageNet and affine initialisation files have none).
+have (the ImageNet and affine initialisation files have none) and BN running statistics it does
+not have (``modify_blob_rm.py`` files: they start at mean 0 / variance 1, each logged "not
+found" as the original's loader logs it).
 """
 
 from __future__ import annotations
@@ -214,8 +216,8 @@ def convert_blobs(
         inflate: load 2-D (ImageNet) conv weights into the 3-D model by the original's rule.
             Implies the ``finetune`` allowances below.
         finetune: preparing a model for training: a ``pred`` of another class count is dropped,
-            and ``pred`` and non-local blocks that the file lacks keep the model's initial
-            values (reported as "initialised, not in file").
+            and ``pred``, non-local blocks and BN running statistics that the file lacks keep
+            the model's initial values (reported as "initialised, not in file").
         fold_bn: ``None`` folds BN statistics into the model's frozen affines where the file has
             them (a BN checkpoint into a ``MODEL.USE_AFFINE`` model), ``True`` requires that,
             ``False`` refuses it.
@@ -379,7 +381,9 @@ def _missing(work: _Work) -> str | None:
     for key, target in work.targets.items():
         if key in work.arrays or key in unfolded:  # a failed fold is reported already
             continue
-        if work.init_mode and (is_nonlocal_key(key) or key.startswith("pred.")):
+        if work.init_mode and (
+            is_nonlocal_key(key) or key.startswith("pred.") or _is_bn_statistic(target)
+        ):
             work.init_keys.append(key)
             continue
         work.problems.missing.append(
@@ -388,6 +392,14 @@ def _missing(work: _Work) -> str | None:
     if not work.problems.missing:
         return None
     return _missing_headline(work.problems, work.rows, work.where, work.model, work.init_mode)
+
+
+def _is_bn_statistic(target: Target) -> bool:
+    """A BN running statistic: when preparing a model for training, one the file lacks starts
+    at its initial value (mean 0, variance 1), as the original's ``checkpoints.py`` logs it
+    "not found" and leaves the blob as the SpatialBN created it (``modify_blob_rm.py`` files
+    have none)."""
+    return target.layer == "bn" and target.key.endswith((".running_mean", ".running_var"))
 
 
 def _assemble(work: _Work, cfg: CfgNode) -> dict[str, torch.Tensor]:
@@ -418,12 +430,22 @@ def _log(work: _Work, report: ConversionReport) -> None:
         if row.action == DROPPED:
             logger.info("%s: dropped %s (%s)", work.where, row.blob, row.detail)
     if work.init_keys:
+        for key in work.init_keys:  # the original's initialize_master_gpu_model_params line
+            logger.info("%s not found", state_dict_key_to_blob(key))
         logger.info(
             "%s: %d model tensors are not in the file and keep their initial values: %s",
             work.where,
             len(work.init_keys),
             ", ".join(work.init_keys),
         )
+        stats = [k for k in work.init_keys if _is_bn_statistic(work.targets[k])]
+        if stats:
+            logger.warning(
+                "%s: %d BN running statistics are not in the file (a --blob-rm file, or a "
+                "BN-folded one): they start at mean 0 / variance 1, as in the original",
+                work.where,
+                len(stats),
+            )
 
 
 def _bn_prefix(owner: str) -> str:

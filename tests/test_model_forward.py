@@ -173,8 +173,10 @@ def test_val_and_test_weights_are_interchangeable():
 
 
 def test_split_modes_and_dropout():
-    train = nl.build_model("i3d_baseline_8x8_IN_pretrain_400k", split="train")
+    # NUM_GPUS 32: per-GPU BN groups of 64 / 32 = 2 clips, the batch of 2 below
+    train = nl.build_model("i3d_baseline_8x8_IN_pretrain_400k", "train", ["NUM_GPUS", "32"])
     assert train.training and isinstance(train.dropout, torch.nn.Dropout)
+    assert train.res_conv1_bn.bn_group_size == 2
     assert train.dropout.p == 0.5
     assert train.res_conv1_bn.momentum == pytest.approx(0.1)  # Caffe2 0.9
     assert train.res_conv1_bn.eps == float(np.float32(1.0000001e-5))  # a Caffe2 float argument

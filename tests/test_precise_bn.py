@@ -27,6 +27,8 @@ SMALL = [
     "2",
     "TRAIN.BATCH_SIZE",
     "16",
+    "NUM_GPUS",
+    "16",  # per-GPU BN batches of 1 clip: the single-clip batches below are whole groups
 ]
 
 

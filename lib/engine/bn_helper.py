@@ -10,15 +10,21 @@ variance ``v_b`` (recovered from Caffe2's saved inverse std as ``(1 / siv)^2 - e
     running_mean = mean_b(m_b)
     running_var  = mean_b(v_b + m_b^2) - running_mean^2       (asserted > 0)
 
-over all ``ITER_COMPUTE_PRECISE_BN x NUM_GPUS`` per-GPU batches. The statistics are thus those of
-``ITER_COMPUTE_PRECISE_BN x TRAIN.BATCH_SIZE`` clips, built from per-GPU batches (8 clips in the
-8-GPU configs): the batch size of each forward matters, so feed per-device (micro-)batches of
-the training recipe's size.
+over all ``ITER_COMPUTE_PRECISE_BN x NUM_GPUS`` per-GPU batches (its ``_collect_bn_stats`` loops
+over the GPUs, ``_finalize_bn_stats`` divides by ``ITER_COMPUTE_PRECISE_BN * NUM_GPUS``). The
+statistics are thus those of ``ITER_COMPUTE_PRECISE_BN x TRAIN.BATCH_SIZE`` clips, built from
+per-GPU batches of ``TRAIN.BATCH_SIZE / NUM_GPUS`` clips (8 in the released recipes).
 
-Here the per-batch moments are taken directly from each BN layer's input (a forward pre-hook on
-every :class:`~nonlocal_net.models.layers.SpatialBN`; frozen affines have no statistics) in
-float32 as the original's, summed in float64, and averaged over processes when
-``torch.distributed`` is initialised (every process must then run the same number of batches).
+Here a "per-GPU batch" is one BN group of the layer: a train-split model normalises every
+consecutive group of ``bn_group_size`` clips of its input on its own
+(:class:`~nonlocal_net.models.layers.SpatialBN`), so a forward over ``G`` groups contributes
+``G`` per-GPU batches, each with its own moments, exactly as ``G`` of the original's GPUs; a layer
+without a group size (a val/test model put in training mode) counts its whole input as one.
+The moments are taken directly from each BN layer's input (a forward pre-hook on every
+SpatialBN; frozen affines have no statistics) in float32 as the original's, summed in float64,
+and averaged over processes when ``torch.distributed`` is initialised (every process must then
+run the same number of batches). Every layer is divided by its own count of groups, which is
+``ITER_COMPUTE_PRECISE_BN x NUM_GPUS`` when the trainer feeds it.
 """
 
 from __future__ import annotations
@@ -65,7 +71,8 @@ def _model_device(model: nn.Module) -> torch.device:
 def compute_precise_bn(model: nn.Module, batches_iterable: Iterable[Any], num_iters: int) -> int:
     """Replace the running statistics of every BN layer of ``model`` by precise-BN statistics
     of the first ``num_iters`` batches of ``batches_iterable`` (the original's
-    ``compute_and_update_bn_stats``); returns the number of batches used.
+    ``compute_and_update_bn_stats``); returns the number of batches used. A batch of ``G`` BN
+    groups (a train-split model's per-GPU BN) counts as ``G`` of the original's per-GPU batches.
 
     Batches are tensors ``(N, 3, T, H, W)`` or loader items whose first element is one (labels
     are ignored), moved to the model's device. The model runs in training mode without
@@ -84,21 +91,17 @@ def compute_precise_bn(model: nn.Module, batches_iterable: Iterable[Any], num_it
     if not layers:
         return 0
     sums: dict[str, list[torch.Tensor | None]] = {name: [None, None] for name in layers}
+    groups_seen = dict.fromkeys(layers, 0)
 
     def make_hook(name: str):
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0]
-            dims = [d for d in range(x.dim()) if d != 1]
-            # the biased batch variance BN normalises with, in the activation's precision (at
-            # least float32, as the original's GPU statistics); sums in float64
-            xf = x.detach()
-            xf = xf if xf.dtype == torch.float64 else xf.float()
-            var, mean = torch.var_mean(xf, dim=dims, correction=0)
-            var, mean = var.double(), mean.double()
+        def hook(module: SpatialBN, args: tuple[Any, ...]) -> None:
+            mean, var = _group_moments(module, args[0])
+            groups_seen[name] += mean.shape[0]
             entry = sums[name]
-            ex2 = var + mean * mean
-            entry[0] = mean if entry[0] is None else entry[0] + mean
-            entry[1] = ex2 if entry[1] is None else entry[1] + ex2
+            mean_sum = mean.sum(0)
+            ex2_sum = (var + mean * mean).sum(0)
+            entry[0] = mean_sum if entry[0] is None else entry[0] + mean_sum
+            entry[1] = ex2_sum if entry[1] is None else entry[1] + ex2_sum
 
         return hook
 
@@ -116,13 +119,14 @@ def compute_precise_bn(model: nn.Module, batches_iterable: Iterable[Any], num_it
             raise PreciseBNError("precise BN: the batch iterable produced no batch")
         if count < num_iters:
             logger.warning("precise BN: only %d of %d batches were available", count, num_iters)
-        total = torch.tensor(float(count), dtype=torch.float64, device=device)
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if distributed:
-            dist.all_reduce(total)
         for name, module in layers.items():
             mean_sum, ex2_sum = sums[name]
+            if mean_sum is None:
+                raise PreciseBNError(f"precise BN: layer {name} was not run by the batches")
+            total = torch.tensor(float(groups_seen[name]), dtype=torch.float64, device=device)
             if distributed:
+                dist.all_reduce(total)
                 dist.all_reduce(mean_sum)
                 dist.all_reduce(ex2_sum)
             mean = mean_sum / total
@@ -146,6 +150,22 @@ def compute_precise_bn(model: nn.Module, batches_iterable: Iterable[Any], num_it
             m.training = mode
     logger.info("Precise BN: %d layers from %d batches", len(layers), count)
     return count
+
+
+def _group_moments(module: SpatialBN, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per BN group of ``module`` (its per-GPU batches), the batch mean and the biased batch
+    variance BN normalises with, both ``(groups, C)`` float64: computed in the activation's
+    precision (at least float32, as the original's GPU statistics)."""
+    xf = x.detach()
+    xf = xf if xf.dtype == torch.float64 else xf.float()
+    groups = module.batch_groups(xf.shape[0]) if module.training else 1
+    if groups == 1:
+        dims = [d for d in range(xf.dim()) if d != 1]
+        var, mean = torch.var_mean(xf, dim=dims, correction=0)
+        return mean.double()[None], var.double()[None]
+    grouped = xf.reshape(groups, xf.shape[0] // groups, xf.shape[1], -1)
+    var, mean = torch.var_mean(grouped, dim=(1, 3), correction=0)
+    return mean.double(), var.double()
 
 
 class BatchNormHelper:

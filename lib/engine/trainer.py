@@ -49,8 +49,9 @@ from ..datasets.train_clips import (
     normalise_clips,
 )
 from ..datasets.video_list import read_video_list
-from ..models.model_builder import build_model
+from ..models.model_builder import build_model, has_batch_norm, train_bn_group_size
 from ..pretrained import resolve_weights
+from ..utils.numeric import check_finite
 from . import solver
 from .arithmetic import run_arithmetic
 from .bn_helper import compute_precise_bn
@@ -148,25 +149,74 @@ def check_train_cfg(cfg, world_size: int, accumulate: int, precision: str, devic
         raise ConfigError(f"--precision must be fp32 or bf16, got {precision!r}")
     if precision == "bf16" and device.type != "cuda":
         raise ConfigError("--precision bf16 needs a CUDA device (autocast on CPU is not used)")
-    if cfg.MODEL.USE_AFFINE is False and per_rank // accumulate < 2:
-        logger.warning("BN batch of 1 clip per forward pass: batch statistics are degenerate")
+    _check_bn_groups(cfg, world_size, accumulate)
     TrainSampling.from_cfg(cfg)
     return per_rank // accumulate
+
+
+def _check_bn_groups(cfg, world_size: int, accumulate: int) -> None:
+    """Per-GPU BN (the train-split model normalises every group of ``TRAIN.BATCH_SIZE //
+    NUM_GPUS`` clips on its own): every forward pass must hold whole groups, so the processes x
+    ``--accumulate`` forward passes of an iteration must divide ``NUM_GPUS``; then each forward
+    runs ``NUM_GPUS / (processes x accumulate)`` of the original's GPUs. A model without BN
+    (frozen affines only) does not depend on it."""
+    if not has_batch_norm(cfg):
+        return
+    gpus = int(cfg.NUM_GPUS)
+    group = train_bn_group_size(cfg)
+    forwards = world_size * accumulate
+    if gpus % forwards:
+        fitting = [d for d in range(1, gpus + 1) if gpus % d == 0]
+        raise ConfigError(
+            f"{world_size} process(es) x --accumulate {accumulate} = {forwards} forward passes "
+            f"per iteration cannot reproduce the original's per-GPU BN of NUM_GPUS {gpus} "
+            f"(BN groups of TRAIN.BATCH_SIZE // NUM_GPUS = {group} clips): each forward pass "
+            f"would hold {gpus / forwards:g} groups; use processes x --accumulate in "
+            f"{', '.join(map(str, fitting))}"
+        )
+    logger.info(
+        "per-GPU BN: NUM_GPUS %d groups of %d clips per iteration, %d per forward pass "
+        "(%d process(es) x %d micro-batch(es))",
+        gpus,
+        group,
+        gpus // forwards,
+        world_size,
+        accumulate,
+    )
+    if group < 2:
+        logger.warning("BN groups of 1 clip (TRAIN.BATCH_SIZE // NUM_GPUS): degenerate statistics")
 
 
 # ----------------------------------------------------------------------------- initialisation
 
 
 def _params_file_blobs(path: str) -> tuple[dict[str, Any], int | None]:
-    """Blobs of a Caffe2 ``.pkl`` or a converted ``.pt``/``.safetensors``; ``model_iter``."""
+    """Blobs of a Caffe2 ``.pkl`` or a converted ``.pt``/``.safetensors``; ``model_iter``.
+
+    Refused (:class:`TrainingError`, naming the blobs) as ``vnl-convert`` refuses them: blobs
+    with NaN/Inf values or negative BN variances (``_riv``)."""
     with open(path, "rb") as f:
         head = f.read(4096)
     if looks_like_pickle(head):
         ckpt = read_caffe2_pkl(path, load_momentum=False)
         logger.info("%s: %s", path, ckpt.describe())
-        return ckpt.entries(), ckpt.model_iter
-    data = load_weights_file(path)
-    return state_dict_to_blobs(data["state_dict"], source=path), None
+        blobs, model_iter = ckpt.entries(), ckpt.model_iter
+    else:
+        data = load_weights_file(path)
+        blobs, model_iter = state_dict_to_blobs(data["state_dict"], source=path), None
+    problems = check_finite(
+        ((k, v) for k, v in blobs.items() if isinstance(v, np.ndarray | torch.Tensor)),
+        negative_ok=lambda name: not name.endswith("_riv"),
+    )
+    if problems:
+        listed = "; ".join(problems[:5]) + (
+            f"; ... ({len(problems)} blobs in all)" if len(problems) > 5 else ""
+        )
+        raise TrainingError(
+            f"TRAIN.PARAMS_FILE {path}: {len(problems)} blob(s) hold non-finite values or "
+            f"negative variances ({listed}); vnl-convert refuses them too"
+        )
+    return blobs, model_iter
 
 
 def initialise_from_params_file(model: torch.nn.Module, cfg, path: str) -> int:

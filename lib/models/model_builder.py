@@ -21,9 +21,17 @@ from ..core.config import (
 )
 from ..core.weights_file import WeightsFileError, load_weights_file
 from . import resnet_video, resnet_video_org
+from .layers import SpatialBN, set_bn_group_size
 from .resnet_video import SPLITS, ResNetVideo
 
-__all__ = ["MODEL_CREATORS", "build_model", "load_model", "model_from_weights"]
+__all__ = [
+    "MODEL_CREATORS",
+    "build_model",
+    "has_batch_norm",
+    "load_model",
+    "model_from_weights",
+    "train_bn_group_size",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +60,25 @@ def build_model(cfg: CfgLike, split: str = "test", overrides: Sequence[str] = ()
         model = MODEL_CREATORS[name](cfg, split)
     except ValueError as e:  # a combination of keys the original's builder asserts against
         raise ConfigError(f"config: {e}") from e
+    if split == "train":
+        set_bn_group_size(model, train_bn_group_size(cfg))
     model.train(split == "train")
     model.cfg = cfg
     return model
+
+
+def train_bn_group_size(cfg: CfgNode) -> int:
+    """Clips per BN group of the train-split model: the original's per-GPU batch
+    ``TRAIN.BATCH_SIZE // NUM_GPUS`` (the config checks that it divides)."""
+    return int(cfg.TRAIN.BATCH_SIZE) // int(cfg.NUM_GPUS)
+
+
+def has_batch_norm(cfg: CfgNode) -> bool:
+    """Whether the network of ``cfg`` has any SpatialBN (per-GPU statistics matter), decided
+    on the ``meta`` device (no memory, no initialisation)."""
+    with torch.device("meta"):
+        model = build_model(cfg, split="val")
+    return any(isinstance(m, SpatialBN) for m in model.modules())
 
 
 def load_model(

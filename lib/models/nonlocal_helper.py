@@ -137,6 +137,8 @@ class NonLocalBlock(nn.Module):
                 f"TRAIN.VIDEO_LENGTH/2 for resnet_video or /8 for resnet_video_org)"
             )
         groups = t // self.group_size
+        if isinstance(self.bn, SpatialBN):  # per-GPU BN groups count clips, not windows
+            self.bn.samples_per_clip = groups
         # (B, C, T, H, W) -> (B*groups, C, group_size, H, W); window k of clip i becomes
         # sample i*groups+k
         xg = x.transpose(1, 2).reshape(b * groups, self.group_size, c, h, w).transpose(1, 2)
