@@ -136,8 +136,8 @@ def test_grouped_forward_equals_each_group_on_its_own():
 
 @pytest.mark.slow
 def test_grouped_forward_of_the_network_equals_each_group_on_its_own():
-    model = _model(num_gpus=4)
-    _check_groups_alone(model, _clips(2), 1e-4, 1e-5)
+    model = _model(num_gpus=4).double()  # float64: only the summation order differs
+    _check_groups_alone(model, _clips(2).double(), 1e-9, 1e-11)
     assert model.res_conv1_bn.bn_group_size == 1
 
 
@@ -268,7 +268,7 @@ def test_precise_bn_over_groups_equals_the_original_formula_per_group():
 
 @pytest.mark.slow
 def test_precise_bn_over_groups_in_the_network():
-    model = _model(num_gpus=4, batch=4)  # groups of 1 clip
-    whole = _model(num_gpus=1, batch=4)  # the same batches as one group each
-    batches = [_clips(2, seed=s) for s in (11, 12)]
-    _check_precise_bn_per_group(model, whole, batches, 2, 1e-3, 1e-5)
+    model = _model(num_gpus=4, batch=4).double()  # groups of 1 clip
+    whole = _model(num_gpus=2, batch=4).double()  # the same batches as one group each
+    batches = [_clips(2, seed=s).double() for s in (11, 12)]
+    _check_precise_bn_per_group(model, whole, batches, 2, 1e-9, 1e-11)
