@@ -64,7 +64,7 @@ def _bn_outputs_with_second_half_times_ten(model, x):
 
         def pre(module, args):
             half = args[0][: args[0].shape[0] // 2]
-            a = torch.randn(half.shape, generator=g) + 0.5
+            a = torch.randn(half.shape, generator=g, dtype=half.dtype) + 0.5
             return (torch.cat([a, a * 10]),)
 
         def post(module, args, out, name=name):
@@ -80,41 +80,65 @@ def _bn_outputs_with_second_half_times_ten(model, x):
     return outputs
 
 
-def test_two_groups_give_both_halves_the_same_output_in_every_bn():
-    two = _model(num_gpus=2)  # groups of 2 clips: the halves of a batch of 4
-    one = _model(num_gpus=1)  # one group of 4 clips
-    names = {n for n, m in two.named_modules() if isinstance(m, SpatialBN)}
-    assert any("nonlocal" in n for n in names) and "res_conv1_bn" in names
-    assert all(m.bn_group_size == 2 for m in two.modules() if isinstance(m, SpatialBN))
-    x = _clips(4)
+def _check_halves(two, one, x, names):
     grouped = _bn_outputs_with_second_half_times_ten(two, x)
     whole = _bn_outputs_with_second_half_times_ten(one, x)
     assert set(grouped) == names
+    half = x.shape[0] // 2
     for name in names:
         out = grouped[name]
-        torch.testing.assert_close(out[2:], out[:2], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(out[half:], out[:half], rtol=1e-4, atol=1e-5, msg=name)
         other = whole[name]
-        assert (other[2:] - other[:2]).abs().max() > 0.1, name  # statistics of all 4 clips
+        assert (other[half:] - other[:half]).abs().max() > 0.1, name  # statistics of all clips
 
 
-def test_grouped_forward_equals_each_group_on_its_own():
-    model = _model(num_gpus=2)
+def test_two_groups_give_both_halves_the_same_output_conv_and_nonlocal_bn():
+    names = {"1", "3.bn"}  # a conv's BN and a non-local block's BN
+    _check_halves(_tiny_net(2), _tiny_net(4), torch.randn(4, 3, 2, 6, 6).double(), names)
+
+
+@pytest.mark.slow
+def test_two_groups_give_both_halves_the_same_output_in_every_bn_of_the_network():
+    two = _model(num_gpus=4)  # groups of 1 clip: the halves of a batch of 2
+    one = _model(num_gpus=2)  # groups of 2 clips: the batch of 2 is one group
+    names = {n for n, m in two.named_modules() if isinstance(m, SpatialBN)}
+    assert any("nonlocal" in n for n in names) and "res_conv1_bn" in names
+    assert all(m.bn_group_size == 1 for m in two.modules() if isinstance(m, SpatialBN))
+    _check_halves(two, one, _clips(2), names)
+
+
+def _check_groups_alone(model, x, rtol, atol):
+    """``model`` (groups of half the batch) on ``x`` equals a whole-batch copy on each half
+    alone; its running statistics are the first half's; gradients reach every parameter."""
     alone = copy.deepcopy(model)
     set_bn_group_size(alone, None)  # whole-batch BN: one of the original's GPUs
     first = copy.deepcopy(alone)
-    x = _clips(4)
+    half = x.shape[0] // 2
     y = model(x)
-    torch.testing.assert_close(y[:2], first(x[:2]), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(y[2:], alone(x[2:]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(y[:half], first(x[:half]), rtol=rtol, atol=atol)
+    torch.testing.assert_close(y[half:], alone(x[half:]), rtol=rtol, atol=atol)
     # the running statistics are the first group's (gpu_0's, as the original saves)
     state, ref = model.state_dict(), first.state_dict()
+    changed = 0
     for key in state:
         if key.endswith(("running_mean", "running_var")):
-            torch.testing.assert_close(state[key], ref[key], rtol=1e-5, atol=1e-6, msg=key)
-    # gradients flow through every group
+            torch.testing.assert_close(state[key], ref[key], rtol=rtol, atol=atol, msg=key)
+            changed += not torch.equal(state[key], alone.state_dict()[key])
+    assert changed
     y.sum().backward()
-    assert model.res_conv1_bn.weight.grad is not None
-    assert model.conv1.weight.grad.abs().sum() > 0
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_grouped_forward_equals_each_group_on_its_own():
+    _check_groups_alone(_tiny_net(2), torch.randn(4, 3, 2, 6, 6).double(), 1e-10, 1e-12)
+
+
+@pytest.mark.slow
+def test_grouped_forward_of_the_network_equals_each_group_on_its_own():
+    model = _model(num_gpus=4).double()  # float64: only the summation order differs
+    _check_groups_alone(model, _clips(2).double(), 1e-9, 1e-11)
+    assert model.res_conv1_bn.bn_group_size == 1
 
 
 def test_grouped_nonlocal_block_groups_clips_not_windows():
@@ -162,7 +186,7 @@ def test_eval_mode_is_unchanged():
     val = nl.build_model(NL8, split="val", overrides=SMALL)
     val.load_state_dict(train.state_dict())
     assert all(m.bn_group_size is None for m in val.modules() if isinstance(m, SpatialBN))
-    x = _clips(3)  # any batch in eval mode
+    x = _clips(1)  # any batch in eval mode
     with torch.no_grad():
         assert torch.equal(train(x), val(x))
     # the test split and val split are never grouped, also when put in training mode
@@ -194,29 +218,57 @@ def _recorded_group_statistics(model, batches):
                 for n, m in bns.items():
                     k = counts[n]
                     var = m.running_var.double().numpy() * (k - 1) / k
-                    stats[n].append((m.running_mean.double().numpy(), var))
+                    stats[n].append((m.running_mean.double().numpy().copy(), var))
     return stats
 
 
-def test_precise_bn_over_groups_equals_the_original_formula_per_group():
-    model = _model(num_gpus=4, batch=4).double()  # groups of 1 clip: 4 "GPUs" per batch
-    batches = [_clips(4, seed=s).double() for s in (11, 12)]
+def _tiny_net(group):
+    """Conv, SpatialBN, ReLU and a non-local block with its BN: every kind of BN input, cheap."""
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(
+        torch.nn.Conv3d(3, 8, 3, padding=1),
+        SpatialBN(8),
+        torch.nn.ReLU(),
+        NonLocalBlock(8, 4, bn_init_gamma=0.7, conv_init_std=0.2),
+    )
+    set_bn_group_size(net, group)
+    return _trained_like(net).double()
+
+
+def _check_precise_bn_per_group(model, whole, batches, groups_per_batch, rtol, atol):
     stats = _recorded_group_statistics(model, batches)
-    assert compute_precise_bn(model, iter(batches), num_iters=2) == 2
-    whole = _model(num_gpus=1, batch=4).double()  # the same batches as one group each
-    compute_precise_bn(whole, iter(batches), num_iters=2)
+    assert compute_precise_bn(model, iter(batches), num_iters=len(batches)) == len(batches)
+    compute_precise_bn(whole, iter(batches), num_iters=len(batches))
     differ = 0
-    for name, m in model.named_modules():
-        if not isinstance(m, SpatialBN):
-            continue
-        means = np.stack([s[0] for s in stats[name]])  # 8 = 2 batches x 4 groups
-        assert len(means) == 8
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, SpatialBN)}
+    assert any("bn" in n and "." in n for n in layers)  # the non-local BN is one of them
+    for name, m in layers.items():
+        means = np.stack([s[0] for s in stats[name]])
+        assert len(means) == len(batches) * groups_per_batch
         ex2 = np.stack([s[1] + s[0] ** 2 for s in stats[name]])
         rm = means.mean(axis=0)
         riv = ex2.mean(axis=0) - rm**2
-        # float64 network: only the summation order differs
-        np.testing.assert_allclose(m.running_mean.double(), rm, rtol=1e-9, atol=1e-12, err_msg=name)
-        np.testing.assert_allclose(m.running_var.double(), riv, rtol=1e-9, atol=1e-12, err_msg=name)
+        got_mean, got_var = m.running_mean.double().numpy(), m.running_var.double().numpy()
+        np.testing.assert_allclose(got_mean, rm, rtol=rtol, atol=atol, err_msg=name)
+        np.testing.assert_allclose(got_var, riv, rtol=rtol, atol=atol, err_msg=name)
         other = dict(whole.named_modules())[name]
-        differ += not np.allclose(other.running_var.numpy(), riv, rtol=1e-3)
+        differ += not np.allclose(other.running_var.double().numpy(), riv, rtol=1e-3)
     assert differ > 0  # per-group statistics are not those of whole batches
+
+
+def test_precise_bn_over_groups_equals_the_original_formula_per_group():
+    """2 batches of 3 groups of 2 clips: 6 per-GPU batches, averaged as the original's
+    ``_finalize_bn_stats`` (divided by ITER_COMPUTE_PRECISE_BN x NUM_GPUS)."""
+    g = torch.Generator().manual_seed(4)
+    batches = [torch.randn(6, 3, 2, 6, 6, generator=g, dtype=torch.float64) * s for s in (1, 3)]
+    for i, b in enumerate(batches):
+        b[2 * i : 2 * i + 2] += 2.0  # groups of different statistics
+    _check_precise_bn_per_group(_tiny_net(2), _tiny_net(None), batches, 3, 1e-10, 1e-12)
+
+
+@pytest.mark.slow
+def test_precise_bn_over_groups_in_the_network():
+    model = _model(num_gpus=4, batch=4).double()  # groups of 1 clip
+    whole = _model(num_gpus=2, batch=4).double()  # the same batches as one group each
+    batches = [_clips(2, seed=s).double() for s in (11, 12)]
+    _check_precise_bn_per_group(model, whole, batches, 2, 1e-9, 1e-11)
