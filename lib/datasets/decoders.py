@@ -67,7 +67,7 @@ DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of RGB frames kept by one decode before
 FrameGetter = Callable[[], np.ndarray]
 
 
-class VideoDecodeError(RuntimeError):
+class VideoDecodeError(ValueError):
     """A video that cannot be used; the message starts with its path."""
 
     def __init__(self, path: str, reason: str) -> None:

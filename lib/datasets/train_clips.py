@@ -68,7 +68,7 @@ MAX_REPLACEMENTS = 100  # as the original's DATALOADER.MAX_BAD_IMAGES default
 REPLACEMENT_STRIDE = 7919  # a prime: successive replacements spread over the epoch
 
 
-class TrainDataError(RuntimeError):
+class TrainDataError(ValueError):
     """Training data that cannot be used at all (no usable entry, every replacement failed)."""
 
 

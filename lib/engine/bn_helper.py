@@ -45,7 +45,7 @@ __all__ = ["BatchNormHelper", "PreciseBNError", "compute_precise_bn"]
 logger = logging.getLogger(__name__)
 
 
-class PreciseBNError(RuntimeError):
+class PreciseBNError(ValueError):
     """Precise BN could not produce statistics (no batches, non-positive variance)."""
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 __all__ = ["NonFiniteError", "NonFiniteLossError", "TrainingError"]
 
 
-class TrainingError(RuntimeError):
+class TrainingError(ValueError):
     """A training run that cannot start or continue; the message says why."""
 
 

@@ -49,11 +49,11 @@ def metrics_path(output_dir: str | os.PathLike) -> Path:
 
 
 def check_tensorboard() -> None:
-    """Raise ``ImportError`` (one line) unless TensorBoard's writer can be imported."""
+    """Raise ``ValueError`` (a bad option: one line) unless TensorBoard's writer can be imported."""
     try:
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401
     except ImportError as e:
-        raise ImportError(
+        raise ValueError(
             f"--tensorboard needs the tensorboard package ({e}): pip install tensorboard, or "
             f"leave --tensorboard out (metrics.jsonl is written either way)"
         ) from None

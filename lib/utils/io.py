@@ -126,8 +126,8 @@ class _SignalRecorder:
             for sig in self._SIGNALS:
                 previous = signal.getsignal(sig)
                 if callable(previous):
+                    signal.signal(sig, self._record)  # raises outside the main thread
                     self._previous[sig] = previous
-                    signal.signal(sig, self._record)
         return self
 
     def __exit__(self, *exc) -> None:
