@@ -6,7 +6,7 @@
 #   NUM_CLASSES=101 TRAIN_LIST=ucf/train.txt VAL_LIST=ucf/val.txt KINETICS_ROOT=ucf/videos \
 #       bash scripts/run_finetune_own_dataset.sh [KEY VALUE ...] [vnl-train options]
 # Lists are '<path> <label>' lines with labels 0..NUM_CLASSES-1. The schedule below is a short
-# example (tune it for your data); add --accumulate A to fit the 8-clip BN batches on fewer GPUs.
+# example (tune it for your data); add --accumulate A (dividing NUM_GPUS) to fit in less memory; BN groups stay the config's.
 # For the frozen-BN variant, use BASE=... with a MODEL.USE_AFFINE model (e.g.
 # i3d_nonlocal_32x4_I3D_pretrain_400k) and --ftvideo instead of --blob-rm.
 set -euo pipefail

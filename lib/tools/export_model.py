@@ -18,7 +18,7 @@ from ..engine.export import (
     export_model,
     is_exported_file,
 )
-from ..models.model_builder import load_model
+from ..pretrained import load_model  # a weights file or a released model's name
 from ..utils.cli import add_overrides_argument, finite_float, nonnegative_int
 from ..utils.io import check_destination, remove_stale_temporaries
 from ..utils.lock import output_lock
@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         f"interrupted.",
     )
     parser.add_argument(
-        "--weights", required=True, help="converted checkpoint (.pt or .safetensors)"
+        "--weights",
+        required=True,
+        help="converted checkpoint (.pt or .safetensors), or a released model's name",
     )
     parser.add_argument(
         "--output", required=True, help=f"the file to write: {' or '.join(FORMATS)}"
