@@ -49,6 +49,7 @@ from ..datasets.train_clips import (
     normalise_clips,
 )
 from ..datasets.video_list import read_video_list
+from ..models.layers import frozen_running_stats
 from ..models.model_builder import build_model, has_batch_norm, train_bn_group_size
 from ..pretrained import resolve_weights
 from ..utils.numeric import check_finite
@@ -383,7 +384,11 @@ class _Run:
             x = clips[m * self.micro : (m + 1) * self.micro]
             y = labels[m * self.micro : (m + 1) * self.micro]
             sync = m == accumulate - 1 or not self.ctx.distributed
-            with contextlib.nullcontext() if sync else self.ddp.no_sync(), self.autocast():
+            with (
+                contextlib.nullcontext() if sync else self.ddp.no_sync(),
+                self.autocast(),
+                frozen_running_stats(self.model, frozen=m > 0),  # gpu_0 sees micro-batch 0
+            ):
                 logits = self.ddp(x)
                 loss = F.cross_entropy(logits.float(), y)
                 if not torch.isfinite(loss):

@@ -13,6 +13,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -23,6 +26,7 @@ __all__ = [
     "SpatialBN",
     "caffe2_float",
     "caffe2_to_torch_momentum",
+    "frozen_running_stats",
     "set_bn_group_size",
 ]
 
@@ -180,3 +184,20 @@ def set_bn_group_size(model: nn.Module, group_size: int | None) -> int:
     for m in layers:
         m.bn_group_size = group_size
     return len(layers)
+
+
+@contextlib.contextmanager
+def frozen_running_stats(model: nn.Module, frozen: bool = True) -> Iterator[None]:
+    """While active (and ``frozen``), training-mode :class:`SpatialBN` layers of ``model`` still
+    normalise with their batch statistics but leave their running statistics as they are
+    (momentum 0). The trainer uses it for every micro-batch after the first of an iteration:
+    the original's checkpoints hold ``gpu_0``'s statistics, which only its own clips update."""
+    layers = [m for m in model.modules() if isinstance(m, SpatialBN)] if frozen else []
+    saved = [m.momentum for m in layers]
+    for m in layers:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(layers, saved):
+            m.momentum = momentum
