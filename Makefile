@@ -9,13 +9,14 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test test-fast test-parity-full parity lint format bench clean
+.PHONY: help install demo test test-fast test-parity-full test-wheel parity lint format bench clean
 
 help:
 	@echo "make demo       run the built-in demo (no downloads)"
 	@echo "make test       run the whole test suite (what CI runs)"
 	@echo "make test-fast  the suite without the tests marked slow"
 	@echo "make test-parity-full  the rest of the parity suite (every network and head)"
+	@echo "make test-wheel the package as pip install . installs it: wheel, fresh venv, commands"
 	@echo "make parity     regenerate benchmarks/parity.md (the whole parity suite's table)"
 	@echo "make lint       ruff"
 	@echo "make bench      benchmarks; results under benchmarks/"
@@ -40,6 +41,9 @@ test-fast: $(STAMP)
 
 test-parity-full: $(STAMP)
 	$(PY) -m pytest tests/test_parity.py --parity-full -m parity_full $(PYTEST_ARGS)
+
+test-wheel: $(STAMP)
+	$(PY) tests/wheel_check.py
 
 parity: $(STAMP)
 	$(PY) tests/parity_table.py
