@@ -37,6 +37,7 @@ __all__ = [
     "LayerTaps",
     "check_layer",
     "feature_dim",
+    "layer_dims",
     "layer_names",
     "serving_modes",
 ]
@@ -78,12 +79,17 @@ def layer_names(model: torch.nn.Module) -> list[str]:
     return list(_meta_shapes(model.cfg))
 
 
+def layer_dims(cfg, protocol: TestProtocol | None = None) -> dict[str, int]:
+    """``{name: channels}`` of every listed layer (one forward pass on the meta device)."""
+    return {name: int(shape[1]) for name, shape in _meta_shapes(cfg, protocol).items()}
+
+
 def feature_dim(cfg, layer: str, protocol: TestProtocol) -> int:
     """Channels of ``layer`` for the protocol's clips (a forward pass on the meta device)."""
-    shapes = _meta_shapes(cfg, protocol)
-    if layer not in shapes:
+    dims = layer_dims(cfg, protocol)
+    if layer not in dims:
         raise LayerError(_unknown(layer))
-    return int(shapes[layer][1])
+    return dims[layer]
 
 
 def _unknown(layer: str) -> str:
