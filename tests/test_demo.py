@@ -128,7 +128,7 @@ def test_demo_command_on_one_video(tmp_path, monkeypatch, capsys):
     # of its own, never glued to the bar
     for count in range(4):
         assert re.search(rf"\| *{count}/3 \[", err), f"the bar never showed {count}/3"
-    assert len(re.findall(r"ERROR nonlocal_net\.engine\.evaluator: video \d", err)) == 2
+    assert len(re.findall(r"ERROR nonlocal_net\.engine\.\w+: video \d", err)) == 2
     assert glued_lines(err) == []
 
     # the closing summary: what was shown, what the numbers mean, what to run next

@@ -248,7 +248,10 @@ def test_three_steps_equal_the_numpy_reference(zoo, scale_momentum):
 @pytest.mark.slow
 def test_plain_momentum_and_real_gradients():
     """NESTEROV False, gradients from a real backward pass of the training network."""
-    cfg, model = small_model(NONAFFINE, ["SOLVER.NESTEROV", "False", "TRAIN.DROPOUT_RATE", "0.0"])
+    # batches of 2 clips, one per-GPU BN group (TRAIN.BATCH_SIZE // NUM_GPUS)
+    extra = ["SOLVER.NESTEROV", "False", "TRAIN.DROPOUT_RATE", "0.0"]
+    extra += ["TRAIN.BATCH_SIZE", "2", "NUM_GPUS", "1"]
+    cfg, model = small_model(NONAFFINE, extra)
     opt = solver.build_optimizer(model, cfg)
     start = blob_params(model)
     torch.manual_seed(3)

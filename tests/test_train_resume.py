@@ -265,7 +265,9 @@ def test_original_checkpoint_is_continued_with_its_momentum_and_rescale(data, tm
 @pytest.mark.slow
 def test_resume_with_other_settings_or_inf_checkpoint_is_refused(data, tmp_path, capsys):
     out = tmp_path / "run"
-    args = dict(SOLVER__MAX_ITER=1, TRAIN__BATCH_SIZE=2)
+    # NUM_GPUS 2: --accumulate 2 is then a per-GPU BN layout the trainer accepts, so what
+    # refuses it is the resume check
+    args = dict(SOLVER__MAX_ITER=1, TRAIN__BATCH_SIZE=2, NUM_GPUS=2)
     run_train(base_args(data, out, **args), check=True)
     before = checkpoint_files(out)
     assert before == ["c2_model_iter1.pkl", "model_iter1.pt"]
