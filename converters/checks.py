@@ -11,14 +11,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
+from nonlocal_net.utils.io import check_destination, remove_stale_temporaries
+from nonlocal_net.utils.lock import output_lock
 from nonlocal_net.utils.log import terminal_safe
 from nonlocal_net.utils.numeric import check_finite
 
@@ -27,7 +30,7 @@ from .reader import SCALAR_ENTRIES
 from .safe_pickle import LazyArray, SafeUnpickler
 from .sniff import describe_known_format, looks_like_pickle
 
-__all__ = ["check_lr", "is_caffe2_checkpoint", "refuse_nonfinite"]
+__all__ = ["caffe2_destination", "check_lr", "is_caffe2_checkpoint", "refuse_nonfinite"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,3 +105,21 @@ def is_caffe2_checkpoint(path: str | os.PathLike) -> bool:
     return bool(inner) and all(
         isinstance(k, str) and _is_blob_value(k, v) for k, v in inner.items()
     )
+
+
+@contextlib.contextmanager
+def caffe2_destination(dst: str, inputs: list[str | None], overwrite: bool) -> Iterator[None]:
+    """Claim ``dst`` for a Caffe2 ``.pkl`` writer (``--ftvideo``, ``--blob-rm``,
+    ``--to-caffe2``): never one of ``inputs``, replaced without ``overwrite`` only when it is a
+    Caffe2 checkpoint, locked while the block runs, temporaries of a killed earlier write
+    removed first."""
+    check_destination(
+        dst,
+        inputs,
+        what="Caffe2 checkpoint",
+        is_own_output=is_caffe2_checkpoint,
+        replace_foreign=overwrite,
+    )
+    with output_lock(dst):
+        remove_stale_temporaries(dst)  # left by a write killed with SIGKILL
+        yield

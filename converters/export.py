@@ -21,10 +21,8 @@ from torch import nn
 
 from nonlocal_net.core.config import cfg_from_dict, get_default_cfg
 from nonlocal_net.core.weights_file import load_weights_file
-from nonlocal_net.utils.io import check_destination, remove_stale_temporaries
-from nonlocal_net.utils.lock import output_lock
 
-from .checks import check_lr, is_caffe2_checkpoint, refuse_nonfinite
+from .checks import caffe2_destination, check_lr, refuse_nonfinite
 from .errors import ConversionError
 from .names import try_state_dict_key_to_blob
 from .writer import write_caffe2_pkl
@@ -117,15 +115,7 @@ def export_caffe2(
     """
     dst = os.fspath(pkl_path)
     source_path = None if isinstance(source, (nn.Module, Mapping)) else os.fspath(source)
-    check_destination(
-        dst,
-        [source_path],
-        what="Caffe2 checkpoint",
-        is_own_output=is_caffe2_checkpoint,
-        replace_foreign=overwrite,
-    )
-    with output_lock(dst):
-        remove_stale_temporaries(dst)  # left by an export killed with SIGKILL
+    with caffe2_destination(dst, [source_path], overwrite):
         state_dict, meta, cfg, name = _load_source(source)
         params = state_dict_to_blobs(state_dict, source=name)
         refuse_nonfinite(params, name, allow_nonfinite)

@@ -40,11 +40,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from nonlocal_net.utils.io import check_destination, remove_stale_temporaries
-from nonlocal_net.utils.lock import output_lock
 from nonlocal_net.utils.log import terminal_safe
 
-from .checks import is_caffe2_checkpoint, refuse_nonfinite
+from .checks import caffe2_destination, refuse_nonfinite
 from .errors import ConversionError
 from .reader import Caffe2Pkl, read_caffe2_pkl
 from .transforms import fold_bn
@@ -172,15 +170,7 @@ def write_finetune_file(
     if mode not in FINETUNE_MODES:
         raise ValueError(f"unknown fine-tuning conversion {mode!r}; one of {list(FINETUNE_MODES)}")
     src, dst = os.fspath(src), os.fspath(dst)
-    check_destination(
-        dst,
-        [src],
-        what="Caffe2 checkpoint",
-        is_own_output=is_caffe2_checkpoint,
-        replace_foreign=overwrite,
-    )
-    with output_lock(dst):
-        remove_stale_temporaries(dst)  # left by a conversion killed with SIGKILL
+    with caffe2_destination(dst, [src], overwrite):
         ckpt = read_caffe2_pkl(src, load_momentum=False)  # momentum is dropped by both modes
         _refuse_non_arrays(ckpt, mode)
         warned = refuse_nonfinite(ckpt.blobs, src, allow_nonfinite)

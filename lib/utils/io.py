@@ -144,6 +144,18 @@ class _SignalRecorder:
         raise Terminated(128 + self.signum) from error
 
 
+def _abandon(tmp: Path, target: Path, error: BaseException, signals: _SignalRecorder) -> None:
+    """After a failed atomic write: remove the temporary, then raise what the failure means
+    for the user (the signal a C++ writer swallowed, a full disk as one line naming
+    ``target``); returns only when ``error`` itself should propagate."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    signals.reraise_if_swallowed(error)
+    failed = _write_error(target, error) if isinstance(error, OSError) else None
+    if failed is not None:
+        raise failed from error
+
+
 def temporary_sibling(path: str | os.PathLike) -> Path:
     """A fresh, unused temporary name in the directory of ``path`` (same file system), marked
     with this process's pid (see :func:`remove_stale_temporaries`)."""
@@ -268,12 +280,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             os.replace(tmp, target)
             fsync_directory(target.parent)
         except BaseException as e:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            signals.reraise_if_swallowed(e)
-            failed = _write_error(target, e) if isinstance(e, OSError) else None
-            if failed is not None:
-                raise failed from e
+            _abandon(tmp, target, e, signals)
             raise
 
 
@@ -300,12 +307,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
             os.replace(tmp, target)
             fsync_directory(target.parent)
         except BaseException as e:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            signals.reraise_if_swallowed(e)
-            failed = _write_error(target, e) if isinstance(e, OSError) else None
-            if failed is not None:
-                raise failed from e
+            _abandon(tmp, target, e, signals)
             raise
 
 
