@@ -582,17 +582,13 @@ def train(opts: TrainOptions, ctx: DistContext) -> dict:
     }
     metrics = MetricsLog(opts.output_dir, enabled=ctx.is_main, tensorboard=opts.tensorboard)
     with contextlib.ExitStack() as held:
-        claimed: Any = None
-        if ctx.is_main:  # one process checks and locks; every process gets the verdict
-            try:
-                check_inputs_not_checkpoints(opts.output_dir, inputs)
-                metrics.check([p for p in inputs.values() if p])
-                held.enter_context(run_lock(opts.output_dir))
-            except OSError as e:
-                claimed = e
-        claimed = ctx.broadcast(claimed)
-        if claimed is not None:
-            raise claimed if isinstance(claimed, OSError) else TrainingError(str(claimed))
+
+        def claim() -> None:  # one process checks and locks; every process gets the verdict
+            check_inputs_not_checkpoints(opts.output_dir, inputs)
+            metrics.check([p for p in inputs.values() if p])
+            held.enter_context(run_lock(opts.output_dir))
+
+        ctx.on_main(claim, refusals=(OSError,))
         held.enter_context(run_arithmetic(opts.precision, ctx.device))
         held.callback(metrics.close)
         return _train(opts, ctx, micro, metrics)
@@ -626,15 +622,10 @@ def _resume_point(opts: TrainOptions, ctx: DistContext) -> ResumePoint | None:
     """:func:`.train_resume.decide_resume` on the main process, its verdict on every one."""
     cfg = opts.cfg
     resume = bool(opts.resume or cfg.CHECKPOINT.RESUME)
-    verdict: Any = None
-    if ctx.is_main:
-        try:
-            verdict = decide_resume(opts.output_dir, resume=resume, start_over=opts.start_over)
-        except TrainingError as e:
-            verdict = e
-    verdict = ctx.broadcast(verdict)
-    if isinstance(verdict, BaseException):
-        raise TrainingError(str(verdict))
+    verdict = ctx.on_main(
+        lambda: decide_resume(opts.output_dir, resume=resume, start_over=opts.start_over),
+        refusals=(TrainingError,),
+    )
     if verdict is None and opts.resume:
         logger.info("--resume: no checkpoint in %s yet; starting a new run", opts.output_dir)
     return verdict
