@@ -15,7 +15,7 @@ help:
 	@echo "make demo       run the built-in demo (no downloads)"
 	@echo "make test       run the whole test suite (what CI runs)"
 	@echo "make test-fast  the suite without the tests marked slow"
-	@echo "make test-parity-full  the rest of the parity suite (every network and head)"
+	@echo "make test-parity-full  the full-size cases make test leaves out (CI runs them too)"
 	@echo "make test-wheel the package as pip install . installs it: wheel, fresh venv, commands"
 	@echo "make parity     regenerate benchmarks/parity.md (the whole parity suite's table)"
 	@echo "make lint       ruff"
@@ -40,7 +40,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-parity-full: $(STAMP)
-	$(PY) -m pytest tests/test_parity.py --parity-full -m parity_full $(PYTEST_ARGS)
+	$(PY) -m pytest --parity-full -m parity_full $(PYTEST_ARGS)
 
 test-wheel: $(STAMP)
 	$(PY) tests/wheel_check.py

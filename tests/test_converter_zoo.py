@@ -192,8 +192,26 @@ def test_affine_file_round_trip(tmp_path, name):
     assert again.lr == 0.00125  # the source's lr, recorded at conversion
 
 
+# One released network per kind (C2D/I3D, 8- and 32-frame, affine) runs by default; the rest
+# (the same code paths at other sizes and the same networks under other names) with the
+# full-size suite (make test-parity-full).
+FULL_SIZE_DEFAULT = {
+    "c2d_nonlocal_8x8_IN_pretrain_400k",
+    "c2d_nonlocal_32x2_IN_pretrain_400k",
+    "i3d_nonlocal_8x8_IN_pretrain_400k",
+    "i3d_nonlocal_32x4_I3D_pretrain_400k",
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("converted", ZOO_NAMES, indirect=True)
+@pytest.mark.parametrize(
+    "converted",
+    [
+        pytest.param(n, marks=() if n in FULL_SIZE_DEFAULT else pytest.mark.parity_full)
+        for n in ZOO_NAMES
+    ],
+    indirect=True,
+)
 def test_released_model_full_size_test_output(converted):
     # the evaluation path as it runs: a whole clip, a 256x256 crop, the fully-convolutional head
     name, blobs, dst, _ = converted

@@ -140,6 +140,7 @@ def _wget_stand_in(folder: Path, mirror: Path) -> None:
 
 
 @pytest.mark.slow  # the full-size released network: converted, verified, evaluated
+@pytest.mark.parity_full  # about 90 s: run by make test-parity-full (CI), not make test
 def test_the_readme_runs_as_written(tmp_path):
     mirror, work, data, bin_dir = (tmp_path / d for d in ("mirror", "work", "data", "bin"))
     for folder in (mirror, work, data, bin_dir):

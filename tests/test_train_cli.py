@@ -15,7 +15,14 @@ import time
 
 import pytest
 import torch
-from train_helpers import AFFINE_BASE, BASE, TINY, run_train, write_class_dataset
+from train_helpers import (
+    AFFINE_BASE,
+    BASE,
+    TINY,
+    in_process_error,
+    run_train,
+    write_class_dataset,
+)
 
 import nonlocal_net as nl
 from nonlocal_net.converters.reader import read_caffe2_pkl
@@ -119,7 +126,14 @@ def metrics_records(out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rerun", [[], ["--resume"]], ids=["same-command", "--resume"])
+@pytest.mark.parametrize(
+    "rerun",
+    [
+        pytest.param([], id="same-command"),
+        # the synonym's parsing is covered by the fast resume tests; its full chain is heavy
+        pytest.param(["--resume"], id="--resume", marks=pytest.mark.parity_full),
+    ],
+)
 def test_sigkill_then_rerun_is_bit_identical(data, tmp_path, rerun):
     """A run killed with SIGKILL and run again with the same command (CHECKPOINT.RESUME True,
     the default; ``--resume`` is a synonym) ends as an uninterrupted run, tensor for tensor:
@@ -252,31 +266,21 @@ def test_nan_loss_stops_naming_the_iteration_and_keeps_the_checkpoint(data, tmp_
 
 
 @pytest.mark.slow
-def test_resume_with_another_config_or_list_is_refused(data, tmp_path):
+def test_resume_with_another_config_or_list_is_refused(data, tmp_path, capsys):
     out = tmp_path / "run"
     args = dict(SOLVER__MAX_ITER=1, TRAIN__BATCH_SIZE=2)
     run_train(base_args(data, out, **args), check=True)
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
-    line = one_line_error(run_train(base_args(data, out, SOLVER__BASE_LR="0.5", **args)))
+    # the refusals in this process: the same main() as the command, without torch's start-up
+    line, _ = in_process_error(base_args(data, out, SOLVER__BASE_LR="0.5", **args), capsys)
     assert "SOLVER.BASE_LR" in line and "0.01" in line and "0.5" in line
     other_list = tmp_path / "other.txt"
     other_list.write_text(data.read_text().replace("c2/v1.avi 2\n", ""))
-    line = one_line_error(run_train([*base_args(other_list, out, **args), "--resume"]))
+    line, _ = in_process_error([*base_args(other_list, out, **args), "--resume"], capsys)
     assert "--train-list" in line
-    line = one_line_error(run_train(base_args(data, out, CHECKPOINT__RESUME="False", **args)))
+    line, _ = in_process_error(base_args(data, out, CHECKPOINT__RESUME="False", **args), capsys)
     assert "--start-over" in line and "CHECKPOINT.RESUME is False" in line
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
-
-
-def in_process_error(args, capsys):
-    """``vnl-train ARGS`` in this process (no torch start-up): its one error line."""
-    from nonlocal_net.tools.train_net_video import main
-
-    assert main([str(a) for a in args]) == 2
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.startswith("vnl-train: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0], err
 
 
 def test_live_second_trainer_is_refused_and_nothing_is_lost(data, tmp_path, capsys):

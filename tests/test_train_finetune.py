@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from train_helpers import BASE, TINY, run_train, write_class_dataset
+from train_helpers import BASE, TINY, in_process_error, run_train, write_class_dataset
 
 import nonlocal_net as nl
 from nonlocal_net.converters.names import state_dict_key_to_blob
@@ -63,14 +63,6 @@ def train_args(data, out, **changes):
         "--model", BASE, "--train-list", data, "--output-dir", out, "--workers", "0",
         "--no-progress", *overrides(**changes),
     ]  # fmt: skip
-
-
-def one_line_error(result):
-    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("vnl-train: error:")]
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert len(lines) == 1, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
-    return lines[0]
 
 
 def no_checkpoint(out: Path) -> bool:
@@ -235,12 +227,12 @@ def _bad_blobs(kind: str) -> tuple[dict, str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["nan", "inf", "negative_var"])
-def test_bad_pkl_params_file_is_refused_before_the_first_iteration(kind, data, tmp_path):
+def test_bad_pkl_params_file_is_refused_before_the_first_iteration(kind, data, tmp_path, capsys):
     blobs, name = _bad_blobs(kind)
     bad = tmp_path / "bad.pkl"
     write_caffe2_pkl(blobs, bad)
     out = tmp_path / "run"
-    line = one_line_error(run_train(train_args(data, out, TRAIN__PARAMS_FILE=bad)))
+    line, _ = in_process_error(train_args(data, out, TRAIN__PARAMS_FILE=bad), capsys)
     assert "TRAIN.PARAMS_FILE" in line and str(bad) in line and name in line, line
     assert no_checkpoint(out)
     # vnl-convert refuses the same file, naming the same blob
@@ -249,7 +241,7 @@ def test_bad_pkl_params_file_is_refused_before_the_first_iteration(kind, data, t
 
 
 @pytest.mark.slow
-def test_bad_pt_params_file_is_refused_before_the_first_iteration(data, tmp_path):
+def test_bad_pt_params_file_is_refused_before_the_first_iteration(data, tmp_path, capsys):
     blobs, name = _bad_blobs("negative_var")
     bad = tmp_path / "bad.pkl"
     write_caffe2_pkl(blobs, bad)
@@ -257,7 +249,7 @@ def test_bad_pt_params_file_is_refused_before_the_first_iteration(data, tmp_path
     made = convert(bad, pt, "--model", BASE, *overrides(), "--allow-nonfinite")
     assert made.returncode == 0, made.stderr
     out = tmp_path / "run"
-    line = one_line_error(run_train(train_args(data, out, TRAIN__PARAMS_FILE=pt)))
+    line, _ = in_process_error(train_args(data, out, TRAIN__PARAMS_FILE=pt), capsys)
     assert str(pt) in line and name in line, line
     assert no_checkpoint(out)
 
@@ -265,10 +257,10 @@ def test_bad_pt_params_file_is_refused_before_the_first_iteration(data, tmp_path
 # ----------------------------------------------------------------------------- per-GPU BN
 
 
-def test_accumulate_that_cannot_be_per_gpu_bn_is_refused(data, tmp_path):
+def test_accumulate_that_cannot_be_per_gpu_bn_is_refused(data, tmp_path, capsys):
     out = tmp_path / "run"
     # NUM_GPUS 1 (one BN group of 4 clips): 2 micro-batches of 2 clips cannot be it
-    line = one_line_error(run_train([*train_args(data, out), "--accumulate", "2"]))
+    line, _ = in_process_error([*train_args(data, out), "--accumulate", "2"], capsys)
     assert "NUM_GPUS 1" in line and "--accumulate 2" in line and "4 clips" in line, line
     assert no_checkpoint(out)
 

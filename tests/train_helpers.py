@@ -61,3 +61,15 @@ def run_train(args, env=None, check=False, **kwargs):
     if check and result.returncode != 0:
         raise AssertionError(f"vnl-train failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
+
+
+def in_process_error(args, capsys):
+    """``vnl-train ARGS`` in this process (the command's own ``main``, without a new process's
+    torch start-up): ``(its one error line, all of stderr)``; asserts exit 2, no traceback."""
+    from nonlocal_net.tools.train_net_video import main
+
+    assert main([str(a) for a in args]) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("vnl-train: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0], err
