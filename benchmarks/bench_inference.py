@@ -141,7 +141,9 @@ def speed_rows(device, modes, iters, compile_, quick) -> list[list[str]]:
     hits all alike."""
     cases = SPEED_CASES + (CUDA_CASES if device.type == "cuda" else [])
     if quick:
-        cases = [dataclasses.replace(c, label=f"{c.label} [tiny]") for c in cases]
+        cases = [
+            dataclasses.replace(c, label=f"{c.label.split(' @')[0]} [tiny @224]") for c in cases
+        ]
     rows = []
     for case in cases:
         overrides = ["TRAIN.VIDEO_LENGTH", case.quick_length, *QUICK_OVERRIDES] if quick else []
@@ -197,7 +199,7 @@ def speed_rows(device, modes, iters, compile_, quick) -> list[list[str]]:
                 row = speed_row(case, variant, cps, eager_of[variant], note)
                 row[2] = key
                 rows.append(row)
-            print(" | ".join(rows[-1]), flush=True)
+            print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
         del variants
     return rows
 
@@ -239,7 +241,7 @@ def fidelity_rows(device, modes, views: int, quick: bool) -> list[list[str]]:
                     extra = MODE_NOTES.get((mode, device.type))
                     note = f"{views} views" + (f"; {extra}" if extra else "")
                     rows.append([label, head, mode, *fidelity_cells(fast, x, ref, note)])
-                print(" | ".join(rows[-1]), flush=True)
+                print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
             with export_directory() as directory:
                 for variant in EXPORTED:
                     exported = export_variant(model, variant, directory)
@@ -248,7 +250,7 @@ def fidelity_rows(device, modes, views: int, quick: bool) -> list[list[str]]:
                     else:
                         cells = fidelity_cells(exported.run, x.cpu(), ref, f"{views} views")
                         rows.append([label, head, variant, *cells])
-                    print(" | ".join(rows[-1]), flush=True)
+                    print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
 
@@ -345,7 +347,7 @@ class (top-5 set) is the same as strict's.
         return
     with atomic_write(args.output, "w") as f:
         f.write(text)
-    print(f"wrote {args.output}")
+    print(f"wrote {args.output}", file=sys.stderr)
 
 
 if __name__ == "__main__":
