@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..models import fuse
+from ..utils.device import default_device
 
 __all__ = [
     "PRECISIONS",
@@ -40,7 +41,6 @@ __all__ = [
     "cpu_bf16_supported",
     "prepare_for_inference",
     "probe",
-    "resolve_device",
     "supported_precisions",
     "warm_up",
 ]
@@ -84,13 +84,6 @@ def cpu_bf16_supported() -> bool:
         return True
     capability = torch.backends.cpu.get_cpu_capability()
     return "AMX" in capability or "BF16" in capability
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device``, or CUDA when available, else the CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def check_precision(precision: str, device: torch.device, compile: bool = False) -> None:
@@ -143,7 +136,7 @@ def prepare_for_inference(
     whose operators this device cannot run is refused with :class:`PrecisionError` here, before
     a caller creates any output.
     """
-    device = resolve_device(device)
+    device = default_device(device)
     check_precision(precision, device, compile)
     split = getattr(model, "split", "test")
     if split == "train":
@@ -247,7 +240,7 @@ def probe(model: nn.Module, device: torch.device, precision: str) -> None:
 
 def supported_precisions(model: nn.Module, device: str | torch.device | None = None) -> list[str]:
     """The modes ``prepare_for_inference(model, device, mode)`` accepts here (each probed)."""
-    device = resolve_device(device)
+    device = default_device(device)
     modes = ["strict"]
     for precision in PRECISIONS[1:]:
         try:
