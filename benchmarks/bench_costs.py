@@ -18,10 +18,10 @@ features file per 1000 videos (the growth per video measured between two list si
 released class count and feature width, extrapolated).
 
 Writes ``benchmarks/costs.md`` (generated; do not edit by hand). ``--quick`` runs every row on
-a tiny network (the tests' overrides) and short videos, to check the script in about a minute;
+a tiny network (the tests' overrides) and short videos, to check the script in a few minutes;
 its table goes to ``--output`` (a path, or ``-`` for stdout), never to the committed table.
 
-    python benchmarks/bench_costs.py            # the table, on a quiet machine (about 7 min on 2 quiet cores)
+    python benchmarks/bench_costs.py            # the table (about 7 min on 2 quiet cores)
     python benchmarks/bench_costs.py --quick --output -
 """
 
