@@ -47,6 +47,7 @@ failed is never renamed into place (parts are built in memory, then written and 
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import logging
@@ -63,7 +64,7 @@ import h5py
 import numpy as np
 
 from ..datasets.video_list import ListEntry, VideoList
-from ..utils.io import atomic_path, atomic_write
+from ..utils.io import WriteError, atomic_path, atomic_write
 
 __all__ = [
     "FEATURES_SCHEMA",
@@ -108,8 +109,8 @@ class StoreSchema:
 
     ``format``: the final file's format tag; ``rows``: the dataset under ``views/``;
     ``width_key``: the header key giving the row width; ``resume_keys``: header keys a resumed
-    run must share; ``run``/``flag``: the run and the command-line option that name the file in
-    messages (``"evaluation"``, ``"--results"``)."""
+    run must share; ``run``/``flag``/``what``: the run, the command-line option and the kind of
+    file that name it in messages (``"evaluation"``, ``"--results"``, ``"results file"``)."""
 
     format: str
     rows: str
@@ -117,6 +118,7 @@ class StoreSchema:
     resume_keys: tuple[str, ...]
     run: str
     flag: str
+    what: str = "results file"
 
 
 RESULTS_SCHEMA = StoreSchema(
@@ -129,8 +131,12 @@ FEATURES_SCHEMA = StoreSchema(
     (*RESUME_KEYS, "layer", "per_video", "feature_dim"),
     "extraction",
     "--output",
+    "features file",
 )
 STR = h5py.string_dtype()
+# final files up to this size (estimated from the parts, uncompressed) are built in memory and
+# written as one byte string; larger ones are written in place after a free-space check
+IN_MEMORY_MERGE_BYTES = 512 << 20
 
 
 class ResultsError(ValueError):
@@ -384,6 +390,7 @@ class ResultsStore:
                 f"--resume to continue it or --overwrite to start again"
             )
         done: set[int] = set()
+        stored: dict | None = None
         if os.path.isdir(self.parts_dir):
             try:
                 with open(self.manifest, encoding="utf-8") as f:
@@ -398,8 +405,9 @@ class ResultsStore:
             if resume:
                 logger.info("nothing to resume at %s: starting a new run", self.path)
             os.makedirs(self.parts_dir, exist_ok=True)
-        with atomic_write(self.manifest, "w") as f:
-            json.dump(self.header, f, indent=1, sort_keys=True, default=str)
+        if stored is None or _json(stored) != _json(self.header):  # nothing to write else
+            with atomic_write(self.manifest, "w") as f:
+                json.dump(self.header, f, indent=1, sort_keys=True, default=str)
         return False, done
 
     def writer(self, rank: int, flush_every: int, flush_seconds: float) -> PartWriter:
@@ -418,9 +426,62 @@ class ResultsStore:
 
         ``on_record`` sees every record in video order (the caller computes metrics from the
         same pass); ``report()`` is called after the last record and stored as an attribute.
+
+        A final file of up to :data:`IN_MEMORY_MERGE_BYTES` (estimated from the parts) is built
+        in memory and written as one byte string, so a full disk is one :class:`WriteError`
+        naming the file and the space it needs (HDF5 writing to a full disk crashes the
+        process). A larger one is written directly, after checking that the destination's
+        file system has room for it. Either way the parts survive a failure and ``--resume``
+        merges again.
         """
+        parts, index, total_rows = self._index_parts()
+        lists = (list_labels, list_paths, list_errors)
+        estimate = _estimated_bytes(total_rows, self.width, len(index), lists, self.header)
+        directory = os.path.dirname(self.path)
+        os.makedirs(directory, exist_ok=True)
+        if estimate <= IN_MEMORY_MERGE_BYTES:
+            name = f"merge-{secrets.token_hex(8)}.h5"
+            with h5py.File(name, "w", driver="core", backing_store=False) as f:
+                self._fill(f, parts, index, total_rows, lists, on_record, report)
+                f.flush()
+                image = f.id.get_file_image()
+            self._check_space(len(image), directory)
+            try:
+                with atomic_write(self.path) as out:
+                    out.write(image)
+            except WriteError as e:
+                raise WriteError(e.errno, self._no_space(len(image), str(e))) from e
+        else:
+            self._check_space(estimate, directory)
+            with atomic_path(self.path) as tmp, h5py.File(tmp, "w") as f:
+                self._fill(f, parts, index, total_rows, lists, on_record, report)
+                f.flush()  # a full disk raises here, inside atomic_path: nothing renamed
+        shutil.rmtree(self.parts_dir, ignore_errors=True)
+        logger.info("%s written (%d videos, %d rows)", self.path, len(index), total_rows)
+
+    def _no_space(self, needed: int, reason: str) -> str:
+        return (
+            f"{reason} (the {self.schema.what} needs about {_mib(needed)}); free space and "
+            f"run the same command with --resume: the finished videos in {self.parts_dir} "
+            f"are kept"
+        )
+
+    def _check_space(self, needed: int, directory: str) -> None:
+        """Refuse (one :class:`WriteError`) to write ``needed`` bytes into ``directory`` when
+        its file system has less free space (where the platform can tell)."""
+        try:
+            stat = os.statvfs(directory)
+        except (OSError, AttributeError):
+            return
+        free = stat.f_bavail * stat.f_frsize
+        if free < needed:
+            reason = f"{self.path}: cannot write: only {_mib(free)} free in {directory}"
+            raise WriteError(errno.ENOSPC, self._no_space(needed, reason))
+
+    def _index_parts(self) -> tuple[list[str], dict[int, tuple[int, int]], int]:
+        """``(part files, video id -> (part number, record number), total rows)``."""
         parts = _part_files(self.parts_dir)
-        index: dict[int, tuple[int, int]] = {}  # video id -> (part number, record number)
+        index: dict[int, tuple[int, int]] = {}
         total_rows = 0
         for p, part in enumerate(parts):
             try:
@@ -434,6 +495,11 @@ class ResultsStore:
                     continue
                 index[vid] = (p, i)
                 total_rows += n
+        return parts, index, total_rows
+
+    def _fill(self, f, parts, index, total_rows, lists, on_record, report) -> None:
+        """Write the final file's content into the open HDF5 file ``f`` (one pass over the
+        parts, in video order)."""
         order = sorted(index)
         loaded: OrderedDict[int, list[VideoRecord]] = OrderedDict()
 
@@ -454,59 +520,71 @@ class ResultsStore:
             if total_rows
             else {}
         )
-        with atomic_path(self.path) as tmp, h5py.File(tmp, "w") as f:
-            f.attrs["format"] = self.schema.format
-            f.attrs["header"] = _json(self.header)
-            scores = f.create_dataset(
-                f"views/{self.schema.rows}",
-                shape=(total_rows, width),
-                dtype=np.float32,
-                shuffle=bool(total_rows),
-                **layout,
-            )
-            view_video = np.empty(total_rows, dtype=np.int64)
-            view_index = np.empty(total_rows, dtype=np.int16)
-            m = len(order)
-            videos = {
-                key: np.zeros(m, dtype=np.int64 if key == "row_start" else np.int32)
-                for key in ("row_start", "num_views", "num_frames", "height", "width")
-            }
-            errors = []
-            block: list[np.ndarray] = []
-            block_start = row = 0
-            for k, vid in enumerate(order):
-                rec = record(vid)
-                if on_record is not None:
-                    on_record(rec)
-                videos["row_start"][k] = row
-                videos["num_views"][k] = rec.num_views
-                videos["num_frames"][k] = rec.num_frames
-                videos["height"][k] = rec.height
-                videos["width"][k] = rec.width
-                errors.append(rec.error)
-                view_video[row : row + rec.num_views] = vid
-                view_index[row : row + rec.num_views] = rec.view_ids
-                row += rec.num_views
-                if rec.num_views:
-                    block.append(np.asarray(rec.scores, dtype=np.float32))
-                if row - block_start >= 8 * chunk_rows or k == m - 1:
-                    if block:
-                        scores[block_start:row] = np.concatenate(block)
-                    block, block_start = [], row
-            f["views/video_id"] = view_video
-            f["views/view_index"] = view_index
-            f["videos/video_id"] = np.array(order, dtype=np.int64)
-            for key, values in videos.items():
-                f[f"videos/{key}"] = values
-            f.create_dataset("videos/error", data=errors, dtype=STR)
-            f["list/label"] = np.asarray(list_labels, dtype=np.int64)
-            f.create_dataset("list/path", data=list(list_paths), dtype=STR)
-            f.create_dataset("list/error", data=list(list_errors), dtype=STR)
-            if report is not None:
-                f.attrs["report"] = _json(report())
-            f.flush()  # a full disk raises here, inside atomic_path: nothing renamed
-        shutil.rmtree(self.parts_dir, ignore_errors=True)
-        logger.info("%s written (%d videos, %d rows)", self.path, m, total_rows)
+        f.attrs["format"] = self.schema.format
+        f.attrs["header"] = _json(self.header)
+        scores = f.create_dataset(
+            f"views/{self.schema.rows}",
+            shape=(total_rows, width),
+            dtype=np.float32,
+            shuffle=bool(total_rows),
+            **layout,
+        )
+        view_video = np.empty(total_rows, dtype=np.int64)
+        view_index = np.empty(total_rows, dtype=np.int16)
+        m = len(order)
+        videos = {
+            key: np.zeros(m, dtype=np.int64 if key == "row_start" else np.int32)
+            for key in ("row_start", "num_views", "num_frames", "height", "width")
+        }
+        errors = []
+        block: list[np.ndarray] = []
+        block_start = row = 0
+        for k, vid in enumerate(order):
+            rec = record(vid)
+            if on_record is not None:
+                on_record(rec)
+            videos["row_start"][k] = row
+            videos["num_views"][k] = rec.num_views
+            videos["num_frames"][k] = rec.num_frames
+            videos["height"][k] = rec.height
+            videos["width"][k] = rec.width
+            errors.append(rec.error)
+            view_video[row : row + rec.num_views] = vid
+            view_index[row : row + rec.num_views] = rec.view_ids
+            row += rec.num_views
+            if rec.num_views:
+                block.append(np.asarray(rec.scores, dtype=np.float32))
+            if row - block_start >= 8 * chunk_rows or k == m - 1:
+                if block:
+                    scores[block_start:row] = np.concatenate(block)
+                block, block_start = [], row
+        f["views/video_id"] = view_video
+        f["views/view_index"] = view_index
+        f["videos/video_id"] = np.array(order, dtype=np.int64)
+        for key, values in videos.items():
+            f[f"videos/{key}"] = values
+        f.create_dataset("videos/error", data=errors, dtype=STR)
+        list_labels, list_paths, list_errors = lists
+        f["list/label"] = np.asarray(list_labels, dtype=np.int64)
+        f.create_dataset("list/path", data=list(list_paths), dtype=STR)
+        f.create_dataset("list/error", data=list(list_errors), dtype=STR)
+        if report is not None:
+            f.attrs["report"] = _json(report())
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MiB"
+
+
+def _estimated_bytes(rows: int, width: int, videos: int, lists, header: Mapping) -> int:
+    """An upper bound of the final file's size: every dataset uncompressed (rows of ``width``
+    float32 with their video id and view index; per-video and per-entry columns with their
+    strings), the header, and HDF5's own structures (1 MiB, plus 1% for chunk indexes)."""
+    labels, paths, errors = lists
+    strings = sum(len(str(t).encode()) + 16 for t in (*paths, *errors))
+    data = rows * (4 * width + 8 + 2) + videos * (8 * 2 + 4 * 4 + 64) + 8 * len(labels)
+    data += strings + 4 * len(_json(header))
+    return int(data * 1.01) + (1 << 20)
 
 
 def read_list_entries(path: str | os.PathLike, header: Mapping) -> VideoList:
