@@ -9,7 +9,8 @@ final file is never written incrementally. Instead:
   a kill at any moment leaves either the whole part or none of it (plus a stray ``.tmp`` file
   that the next start deletes). A kill loses at most the videos not yet flushed.
 * ``run.json`` in the same folder records what is being evaluated (list file hash, model
-  fingerprint, config, backend); ``--resume`` refuses a folder from a different run.
+  fingerprint, config, backend and decoding signature); ``--resume`` refuses a folder from a
+  different run with one line naming the first setting that differs (:data:`RESUME_KEYS`).
 * ``--resume`` reads the parts, skips their videos (including videos recorded as
   undecodable) and evaluates the rest. Every video's views go through the model in the same
   batches whatever else runs (batches never mix videos), so resumed scores are bitwise the
@@ -32,7 +33,7 @@ Final file (``format = "nonlocal_net/results/v1"``)::
     list/label        int64   (E,)    label of every list entry (-1: bad line)
     list/path         str     (E,)    path as listed
     list/error        str     (E,)    why a list line is bad ('' otherwise)
-    attrs: format, header (JSON: list, model, config, protocol), report (JSON)
+    attrs: format, header (JSON: list, model, config, protocol, decoding), report (JSON)
 
 The features file of ``vnl-extract`` is the same store with its own schema
 (:data:`FEATURES_SCHEMA`, ``format = "nonlocal_net/features/v1"``): the rows are
@@ -98,6 +99,7 @@ RESUME_KEYS = (
     "cfg",
     "views_per_video",
     "backend",
+    "decoding",  # the decoders' configuration and library versions (decoding_signature)
     "precision",  # a resumed run continues in the same precision mode
     "channels_last",
 )
@@ -286,9 +288,11 @@ def _first_difference(key: str, a: Any, b: Any) -> tuple[str | None, Any, Any]:
     (``(None, a, b)`` when they are equal as JSON)."""
     if _json(a) == _json(b):
         return None, a, b
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        for sub in sorted(set(a) | set(b), key=str):
-            where, x, y = _first_difference(f"{key}.{sub}", a.get(sub), b.get(sub))
+    mapping = isinstance(a, Mapping) or isinstance(b, Mapping)
+    if mapping and all(isinstance(v, Mapping) or v is None for v in (a, b)):
+        x_map, y_map = a or {}, b or {}  # a key missing from one side: a leaf of None
+        for sub in sorted(set(x_map) | set(y_map), key=str):
+            where, x, y = _first_difference(f"{key}.{sub}", x_map.get(sub), y_map.get(sub))
             if where is not None:
                 return where, x, y
     return key, a, b
