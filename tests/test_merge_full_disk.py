@@ -80,13 +80,17 @@ def assert_refused_and_kept(line: str, out: Path) -> None:
 
 
 @pytest.mark.parametrize("prog", sorted(COMMANDS))
-@pytest.mark.parametrize("failure", ["write_fails", "no_free_space"])
+@pytest.mark.parametrize("failure", ["write_fails", "no_free_space", "no_free_space_large"])
 def test_full_disk_during_the_merge(
     prog, failure, eval_videos, checkpoint, whole_runs, tmp_path, capsys, monkeypatch
 ):
+    """``write_fails``: the in-memory file's bytes hit a full disk; ``no_free_space``: the
+    free-space check refuses first, for a file built in memory or (``_large``) on disk."""
     tool, flag, rows = COMMANDS[prog]
     out = tmp_path / "out.h5"
     args = [*base_args(eval_videos, checkpoint), flag, str(out)]
+    if failure.endswith("_large"):  # as if the file were too large to build in memory
+        monkeypatch.setattr(results_module, "IN_MEMORY_MERGE_BYTES", 0)
     if failure == "write_fails":  # the disk fills while the final file's bytes are written
         real = results_module.atomic_write
 
@@ -114,6 +118,8 @@ def test_full_disk_during_the_merge(
     assert ("No space left on device" if failure == "write_fails" else "free in") in line, line
     assert_refused_and_kept(line, out)
     monkeypatch.undo()  # space freed
+    if failure.endswith("_large"):
+        monkeypatch.setattr(results_module, "IN_MEMORY_MERGE_BYTES", 0)
     assert tool.main([*args, "--resume"]) == 0
     assert "resuming: 3 videos" in capsys.readouterr().err
     assert_same_file(out, whole_runs[prog], rows)
@@ -122,11 +128,11 @@ def test_full_disk_during_the_merge(
 
 @pytest.fixture
 def small_tmpfs():
-    """A 1 MiB tmpfs of this test's own (root only; skipped where it cannot be mounted)."""
+    """A 4 MiB tmpfs of this test's own (root only; skipped where it cannot be mounted)."""
     if os.geteuid() != 0 or not shutil.which("mount"):
         pytest.skip("mounting a tmpfs needs root")
     mount = tempfile.mkdtemp(prefix="vnl-merge-tmpfs-")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mount])
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", mount])
     if done.returncode:
         os.rmdir(mount)
         pytest.skip("cannot mount a tmpfs here")
@@ -137,28 +143,35 @@ def small_tmpfs():
         os.rmdir(mount)
 
 
+def stage_parts_on(folder: Path, prog: str, args: list[str], staging: Path, monkeypatch) -> Path:
+    """The parts of a ``prog`` run killed before its merge, copied into ``folder``, which is
+    then filled up to 8 KiB; returns the output path there (and the filler beside it)."""
+    tool, flag, _ = COMMANDS[prog]
+
+    def killed(*_, **__):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(results_module.ResultsStore, "merge", killed)
+        assert tool.main([*args, flag, str(staging / "r.h5")]) == 130
+    out = folder / "r.h5"
+    shutil.copytree(str(staging / "r.h5") + ".parts", str(out) + ".parts")
+    stat = os.statvfs(folder)
+    with open(folder / "filler", "wb") as f, contextlib.suppress(OSError):
+        f.write(b"\0" * (stat.f_bavail * stat.f_frsize - 8192))
+    return out
+
+
 def test_a_real_full_disk_during_the_merge(
     eval_videos, checkpoint, whole_runs, tmp_path, small_tmpfs, capsys, monkeypatch
 ):
     """The parts of a run killed before its merge, on a real file system that has no room
     for the results file: ``vnl-test --resume`` refuses in one line; after space is freed it
     writes the uninterrupted run's file."""
-    staged = tmp_path / "r.h5"
     args = base_args(eval_videos, checkpoint)
-
-    def killed(*_, **__):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(results_module.ResultsStore, "merge", killed)
-    assert test_tool.main([*args, "--results", str(staged)]) == 130
-    monkeypatch.undo()
-    capsys.readouterr()
-    out = small_tmpfs / "r.h5"
-    shutil.copytree(str(staged) + ".parts", str(out) + ".parts")
-    stat = os.statvfs(small_tmpfs)
+    out = stage_parts_on(small_tmpfs, "vnl-test", args, tmp_path, monkeypatch)
     filler = small_tmpfs / "filler"
-    with open(filler, "wb") as f, contextlib.suppress(OSError):
-        f.write(b"\0" * (stat.f_bavail * stat.f_frsize - 8192))  # 8 KiB left
+    capsys.readouterr()
     command = [sys.executable, "-m", "nonlocal_net.tools.test_net_video", *args]
     command += ["--results", str(out), "--resume"]
     done = subprocess.run(command, capture_output=True, text=True)
@@ -168,3 +181,35 @@ def test_a_real_full_disk_during_the_merge(
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_file(out, whole_runs["vnl-test"], "views/scores")
+
+
+# vnl-extract with the merge as for a file too large for memory, and the free-space check
+# out of the way (as if the space were taken between the check and the write)
+LARGE_MERGE = (
+    "import sys\n"
+    "from nonlocal_net.engine import results\n"
+    "from nonlocal_net.tools import extract_features\n"
+    "results.IN_MEMORY_MERGE_BYTES = 0\n"
+    "results.ResultsStore._check_space = lambda *_: None\n"
+    "sys.exit(extract_features.main(sys.argv[1:]))\n"
+)
+
+
+def test_a_large_file_reserves_its_blocks_before_hdf5_writes(
+    eval_videos, checkpoint, whole_runs, tmp_path, small_tmpfs, capsys, monkeypatch
+):
+    """A features file too large to build in memory is written in place into reserved
+    blocks: a real full disk is one line, where HDF5 writing its chunks would crash."""
+    args = base_args(eval_videos, checkpoint)
+    out = stage_parts_on(small_tmpfs, "vnl-extract", args, tmp_path, monkeypatch)
+    capsys.readouterr()
+    command = [sys.executable, "-c", LARGE_MERGE, *args, "--output", str(out), "--resume"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr[-3000:]
+    line = one_error_line(done.stderr, "vnl-extract")
+    assert "No space left on device" in line, line
+    assert_refused_and_kept(line, out)
+    (small_tmpfs / "filler").unlink()
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_file(out, whole_runs["vnl-extract"], "views/features")

@@ -40,9 +40,12 @@ The features file of ``vnl-extract`` is the same store with its own schema
 ``views/features`` (R, ``feature_dim``) and the header names the layer and the precision mode.
 
 A run with no views at all (``--limit 0``, an empty list, only undecodable videos) writes a
-valid final file with zero rows. Every write goes through :func:`..utils.io.atomic_path`; a
-failed write (a full disk) raises one :class:`OSError` naming the file, and a part whose write
-failed is never renamed into place (parts are built in memory, then written and fsynced).
+valid final file with zero rows. Every write goes through :func:`..utils.io.atomic_write` or
+:func:`..utils.io.atomic_path`; a failed write (a full disk) raises one :class:`OSError` naming
+the file, and a part whose write failed is never renamed into place (parts are built in
+memory, then written and fsynced). The final file is built in memory too, or for a very large
+one written into disk blocks reserved beforehand (:meth:`ResultsStore.merge`): HDF5 writing to
+a full disk crashes the process.
 """
 
 from __future__ import annotations
@@ -434,9 +437,10 @@ class ResultsStore:
         A final file of up to :data:`IN_MEMORY_MERGE_BYTES` (estimated from the parts) is built
         in memory and written as one byte string, so a full disk is one :class:`WriteError`
         naming the file and the space it needs (HDF5 writing to a full disk crashes the
-        process). A larger one is written directly, after checking that the destination's
-        file system has room for it. Either way the parts survive a failure and ``--resume``
-        merges again.
+        process). A larger one is written in place into a temporary file whose blocks are
+        reserved first (the estimate, an upper bound; HDF5 gives back the rest on close), so
+        the disk cannot fill under HDF5. Either way the free space is checked first, the parts
+        survive a failure and ``--resume`` merges again.
         """
         parts, index, total_rows = self._index_parts()
         lists = (list_labels, list_paths, list_errors)
@@ -454,20 +458,31 @@ class ResultsStore:
                 with atomic_write(self.path) as out:
                     out.write(image)
             except WriteError as e:
-                raise WriteError(e.errno, self._no_space(len(image), str(e))) from e
+                raise WriteError(e.errno, self._no_space(len(image), str(e), e.errno)) from e
         else:
             self._check_space(estimate, directory)
-            with atomic_path(self.path) as tmp, h5py.File(tmp, "w") as f:
-                self._fill(f, parts, index, total_rows, lists, on_record, report)
-                f.flush()  # a full disk raises here, inside atomic_path: nothing renamed
+            try:
+                with atomic_path(self.path) as tmp:
+                    with h5py.File(tmp, "w"):
+                        pass
+                    _reserve(tmp, estimate)  # the blocks HDF5 writes into are already there
+                    with h5py.File(tmp, "r+") as f:
+                        self._fill(f, parts, index, total_rows, lists, on_record, report)
+                        f.flush()
+            except WriteError as e:
+                raise WriteError(e.errno, self._no_space(estimate, str(e), e.errno)) from e
         shutil.rmtree(self.parts_dir, ignore_errors=True)
         logger.info("%s written (%d videos, %d rows)", self.path, len(index), total_rows)
 
-    def _no_space(self, needed: int, reason: str) -> str:
+    def _no_space(self, needed: int, reason: str, code: int = errno.ENOSPC) -> str:
+        todo = (
+            "free space and"
+            if code in (errno.ENOSPC, errno.EDQUOT)
+            else f"once {os.path.dirname(self.path)} can be written,"
+        )
         return (
-            f"{reason} (the {self.schema.what} needs about {_mib(needed)}); free space and "
-            f"run the same command with --resume: the finished videos in {self.parts_dir} "
-            f"are kept"
+            f"{reason} (the {self.schema.what} needs about {_mib(needed)}); {todo} run the "
+            f"same command with --resume: the finished videos in {self.parts_dir} are kept"
         )
 
     def _check_space(self, needed: int, directory: str) -> None:
@@ -574,6 +589,21 @@ class ResultsStore:
         f.create_dataset("list/error", data=list(list_errors), dtype=STR)
         if report is not None:
             f.attrs["report"] = _json(report())
+
+
+def _reserve(path: str | os.PathLike, size: int) -> None:
+    """Allocate ``size`` bytes of disk for the file ``path`` (``OSError`` ENOSPC when the disk
+    is full); a no-op where the file system or the platform cannot preallocate."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    except AttributeError:  # no posix_fallocate on this platform
+        pass
+    finally:
+        os.close(fd)
 
 
 def _mib(size: int) -> str:
