@@ -43,7 +43,7 @@ from .models.resnet_video import ResNetVideo
 from .utils.download import file_sha256
 from .utils.io import atomic_write
 
-__all__ = ["converted_released", "load_model", "resolve_weights"]
+__all__ = ["converted_released", "load_model", "resolve_weights", "weights_label"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,16 @@ def resolve_weights(spec: str | os.PathLike, *, caffe2: bool = False, progress: 
     if caffe2:
         return fetch_released(text, progress=progress)
     return converted_released(text, progress=progress)
+
+
+def weights_label(spec: str | os.PathLike) -> str:
+    """How an output records the weights ``spec``: a released model's name as given (what
+    :func:`resolve_weights` takes it for: a name with no file of that name), anything else as
+    the absolute path of the file."""
+    text = os.fspath(spec)
+    if not os.path.exists(text) and is_zoo_name(text):
+        return text
+    return os.path.abspath(text)
 
 
 def load_model(

@@ -29,7 +29,7 @@ import hashlib
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .text_lines import read_bounded_bytes, split_lines
@@ -85,6 +85,17 @@ class VideoList:
 
     def where(self, entry: ListEntry) -> str:
         return f"{self.source}:{entry.line_no}"
+
+    def with_num_classes(self, num_classes: int) -> VideoList:
+        """This list with the labels outside ``0..num_classes-1`` made bad lines (logged), as
+        :func:`read_video_list` with ``num_classes`` marks them: for a command that reads the
+        list before it knows the model's number of classes."""
+        entries = [
+            replace(e, error=_label_error(e.labels, num_classes)) if e.ok else e
+            for e in self.entries
+        ]
+        _log_bad([e for e, old in zip(entries, self.entries) if old.ok and not e.ok], self)
+        return replace(self, entries=entries)
 
 
 def resolve_video_path(path: str, data_root: str | None, base_dir: str = "") -> str:
@@ -142,11 +153,22 @@ def _parse_line(text: str, video_id: int, line_no: int, num_classes: int | None)
         labels = parse_labels(label_text)
     except ValueError as e:
         return ListEntry(video_id, line_no, path, (), str(e))
+    return ListEntry(video_id, line_no, path, labels, _label_error(labels, num_classes))
+
+
+def _label_error(labels: tuple[int, ...], num_classes: int | None) -> str:
+    """Why ``labels`` do not fit ``num_classes`` classes ('' when they do, or when unknown)."""
     for label in labels:
         if num_classes is not None and label >= num_classes:
-            reason = f"label {label} out of range (0..{num_classes - 1})"
-            return ListEntry(video_id, line_no, path, labels, reason)
-    return ListEntry(video_id, line_no, path, labels)
+            return f"label {label} out of range (0..{num_classes - 1})"
+    return ""
+
+
+def _log_bad(bad: list[ListEntry], vlist: VideoList) -> None:
+    for entry in bad[:20]:
+        logger.error("%s: bad list line (scored as wrong): %s", vlist.where(entry), entry.error)
+    if len(bad) > 20:
+        logger.error("%s: %d more bad lines not shown", vlist.source, len(bad) - 20)
 
 
 def read_video_list(
@@ -172,11 +194,7 @@ def read_video_list(
         data_root=os.fspath(data_root) if data_root is not None else None,
         base_dir=os.path.dirname(os.path.abspath(path)),
     )
-    bad = result.bad_entries
-    for entry in bad[:20]:
-        logger.error("%s: bad list line (scored as wrong): %s", result.where(entry), entry.error)
-    if len(bad) > 20:
-        logger.error("%s: %d more bad lines not shown", path, len(bad) - 20)
+    _log_bad(result.bad_entries, result)
     if not entries:
         logger.warning("%s: the list file has no entries", path)
     return result

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..core.config import cfg_to_dict
+from ..datasets.decoders import decoding_signature
 from ..datasets.protocol import TestProtocol
 from ..datasets.video_list import VideoList, read_video_list
 from ..utils.io import atomic_write
@@ -38,13 +39,16 @@ from .results import (
 from .runner import InferenceOptions, InferenceRunner, default_batch_size, run_views
 from .runner_setup import (
     Destination,
+    check_model_source,
     claim_outputs,
+    label_range,
     load_test_model,
     model_fingerprint,
     my_items,
     package_version,
     prepare_model,
     read_entries,
+    recorded_weights,
     refuse_outputs,
 )
 
@@ -161,13 +165,14 @@ def _header(vlist, entries, cfg, fingerprint, protocol, weights, opts: EvalOptio
         "list_sha256": vlist.sha256,
         "num_entries": len(entries),
         "data_root": os.path.abspath(opts.data_root) if opts.data_root is not None else None,
-        "weights": os.path.abspath(os.fspath(weights)) if weights is not None else None,
+        "weights": recorded_weights(weights),
         "model_fingerprint": fingerprint,
         "cfg": cfg_to_dict(cfg),
         "num_classes": int(cfg.MODEL.NUM_CLASSES),
         "views_per_video": protocol.num_views,
         "protocol": asdict(protocol),
         "backend": opts.backend,
+        "decoding": decoding_signature(opts.backend),
         "channels_last": bool(opts.channels_last),
         "precision": opts.precision,
         "version": package_version(),
@@ -208,8 +213,10 @@ class EvalOptions(InferenceOptions):
     ``results``: HDF5 file of per-view scores (crash-safe; ``resume`` continues an interrupted
     run, ``overwrite`` starts again and allows replacing a file that is not a results file).
     ``report_path``: JSON report (default ``<results>.report.json`` when ``results`` is given).
-    A resumed run must use the same list, weights, data root, decoding ``backend``,
-    ``channels_last`` and ``precision`` as the run it continues.
+    A resumed run must use the same list, weights and config, data root, decoding ``backend``
+    and decoding signature (:func:`..datasets.decoders.decoding_signature`), ``channels_last``
+    and ``precision`` as the run it continues (:data:`.results.RESUME_KEYS`); a refusal names
+    the first setting that differs.
     """
 
     results: str | os.PathLike | None = None
@@ -273,10 +280,13 @@ def _evaluate(
     report_path = _check_report_path(opts.report_path, opts.results)
     outputs = _destinations(opts.results, report_path)
     inputs = [list_file, weights]
+    # everything checkable before the first expensive step, building the model
+    check_model_source(weights, model, opts.overrides, opts.backend, "evaluate")
+    vlist, entries = read_entries(list_file, opts.data_root, opts.limit)
+    ctx.on_main(lambda: refuse_outputs(outputs, inputs, vlist, opts.overwrite))
     model = load_test_model(weights, model, opts.overrides, opts.backend, "evaluate")
     cfg = model.cfg
-    vlist, entries = read_entries(list_file, opts.data_root, cfg, opts.limit)
-    ctx.on_main(lambda: refuse_outputs(outputs, inputs, vlist, opts.overwrite))
+    vlist, entries = label_range(vlist, cfg.MODEL.NUM_CLASSES, opts.limit)
     model, fingerprint = prepare_model(model, ctx.device, opts)
     protocol = TestProtocol.from_cfg(cfg)
     batch_size = opts.batch_size or default_batch_size(cfg)
@@ -366,7 +376,7 @@ def _warn_no_views(report: Mapping) -> None:
 def _settings(vlist, weights, opts: EvalOptions, protocol, batch_size, ctx) -> dict:
     return {
         "list_file": os.path.abspath(vlist.source),
-        "weights": os.path.abspath(os.fspath(weights)) if weights is not None else None,
+        "weights": recorded_weights(weights),
         "results": os.path.abspath(os.fspath(opts.results)) if opts.results is not None else None,
         "protocol": asdict(protocol),
         "batch_size": batch_size,

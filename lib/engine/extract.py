@@ -15,7 +15,8 @@ Output file (``format = "nonlocal_net/features/v1"``), written in one pass::
     views/view_index  int16   (R,)    view 10*ct + j; -1 for a per-video average
     videos/..., list/...              as in vnl-test's results (errors of bad videos included)
     attrs: format; header (JSON: layer, per_video, feature_dim, precision, protocol, weights,
-           model_fingerprint, list, data_root, backend, cfg, version); report (the summary)
+           model_fingerprint, list, data_root, backend, decoding, cfg, version); report
+           (the summary)
 
 A run with no views (``limit=0``, an empty list, only undecodable videos) writes a valid file
 with zero rows and a summary saying so.
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 from ..core.config import cfg_to_dict
+from ..datasets.decoders import decoding_signature
 from ..datasets.protocol import TestProtocol
 from ..utils.numeric import finite_rows
 from .distributed import init_distributed
@@ -48,12 +50,15 @@ from .results import (
 from .runner import InferenceOptions, InferenceRunner, default_batch_size, run_views
 from .runner_setup import (
     Destination,
+    check_model_source,
     claim_outputs,
+    label_range,
     load_test_model,
     my_items,
     package_version,
     prepare_model,
     read_entries,
+    recorded_weights,
     refuse_outputs,
 )
 
@@ -86,7 +91,8 @@ class ExtractOptions(InferenceOptions):
     """How :func:`extract_features` runs: the settings of :class:`.runner.InferenceOptions`
     plus ``layer`` (``pool5`` or a module name, :func:`.layer_taps.layer_names`) and
     ``per_video`` (one row per video, the mean over its views). A resumed run must use the
-    same list, model, layer, ``per_video``, mode, data root and backend."""
+    same list, model, layer, ``per_video``, mode, data root, backend and decoding signature
+    (:data:`.results.FEATURES_SCHEMA` ``.resume_keys``)."""
 
     layer: str = POOL5
     per_video: bool = False
@@ -167,12 +173,13 @@ def _header(vlist, entries, cfg, fingerprint, protocol, dim, weights, opts: Extr
         "list_sha256": vlist.sha256,
         "num_entries": len(entries),
         "data_root": os.path.abspath(opts.data_root) if opts.data_root is not None else None,
-        "weights": os.path.abspath(os.fspath(weights)) if weights is not None else None,
+        "weights": recorded_weights(weights),
         "model_fingerprint": fingerprint,
         "cfg": cfg_to_dict(cfg),
         "views_per_video": 1 if opts.per_video else protocol.num_views,
         "protocol": asdict(protocol),
         "backend": opts.backend,
+        "decoding": decoding_signature(opts.backend),
         "channels_last": bool(opts.channels_last),
         "version": package_version(),
     }
@@ -181,13 +188,16 @@ def _header(vlist, entries, cfg, fingerprint, protocol, dim, weights, opts: Extr
 def _extract(ctx, held, list_file, weights, output, model, opts: ExtractOptions) -> dict:
     outputs = [Destination(os.fspath(output), "features file", is_features_file)]
     inputs = [list_file, weights]
+    # everything checkable before the first expensive step, building the model
+    check_model_source(weights, model, opts.overrides, opts.backend, "extract_features")
+    vlist, entries = read_entries(list_file, opts.data_root, opts.limit)
+    ctx.on_main(lambda: refuse_outputs(outputs, inputs, vlist, opts.overwrite))
     model = load_test_model(weights, model, opts.overrides, opts.backend, "extract_features")
     cfg = model.cfg
     check_layer(model, opts.layer, opts.precision, opts.compile)
     protocol = TestProtocol.from_cfg(cfg)
     dim = feature_dim(cfg, opts.layer, protocol)
-    vlist, entries = read_entries(list_file, opts.data_root, cfg, opts.limit)
-    ctx.on_main(lambda: refuse_outputs(outputs, inputs, vlist, opts.overwrite))
+    vlist, entries = label_range(vlist, cfg.MODEL.NUM_CLASSES, opts.limit)
     model, fingerprint = prepare_model(model, ctx.device, opts, record_layers=[opts.layer])
     rows = LayerFeatures(model, opts.layer, dim, opts.per_video)
     batch_size = opts.batch_size or default_batch_size(cfg)

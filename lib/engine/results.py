@@ -9,7 +9,8 @@ final file is never written incrementally. Instead:
   a kill at any moment leaves either the whole part or none of it (plus a stray ``.tmp`` file
   that the next start deletes). A kill loses at most the videos not yet flushed.
 * ``run.json`` in the same folder records what is being evaluated (list file hash, model
-  fingerprint, config, backend); ``--resume`` refuses a folder from a different run.
+  fingerprint, config, backend and decoding signature); ``--resume`` refuses a folder from a
+  different run with one line naming the first setting that differs (:data:`RESUME_KEYS`).
 * ``--resume`` reads the parts, skips their videos (including videos recorded as
   undecodable) and evaluates the rest. Every video's views go through the model in the same
   batches whatever else runs (batches never mix videos), so resumed scores are bitwise the
@@ -32,21 +33,25 @@ Final file (``format = "nonlocal_net/results/v1"``)::
     list/label        int64   (E,)    label of every list entry (-1: bad line)
     list/path         str     (E,)    path as listed
     list/error        str     (E,)    why a list line is bad ('' otherwise)
-    attrs: format, header (JSON: list, model, config, protocol), report (JSON)
+    attrs: format, header (JSON: list, model, config, protocol, decoding), report (JSON)
 
 The features file of ``vnl-extract`` is the same store with its own schema
 (:data:`FEATURES_SCHEMA`, ``format = "nonlocal_net/features/v1"``): the rows are
 ``views/features`` (R, ``feature_dim``) and the header names the layer and the precision mode.
 
 A run with no views at all (``--limit 0``, an empty list, only undecodable videos) writes a
-valid final file with zero rows. Every write goes through :func:`..utils.io.atomic_path`; a
-failed write (a full disk) raises one :class:`OSError` naming the file, and a part whose write
-failed is never renamed into place (parts are built in memory, then written and fsynced).
+valid final file with zero rows. Every write goes through :func:`..utils.io.atomic_write` or
+:func:`..utils.io.atomic_path`; a failed write (a full disk) raises one :class:`OSError` naming
+the file, and a part whose write failed is never renamed into place (parts are built in
+memory, then written and fsynced). The final file is built in memory too, or for a very large
+one written into disk blocks reserved beforehand (:meth:`ResultsStore.merge`): HDF5 writing to
+a full disk crashes the process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import logging
@@ -63,7 +68,7 @@ import h5py
 import numpy as np
 
 from ..datasets.video_list import ListEntry, VideoList
-from ..utils.io import atomic_path, atomic_write
+from ..utils.io import WriteError, atomic_path, atomic_write
 
 __all__ = [
     "FEATURES_SCHEMA",
@@ -97,6 +102,7 @@ RESUME_KEYS = (
     "cfg",
     "views_per_video",
     "backend",
+    "decoding",  # the decoders' configuration and library versions (decoding_signature)
     "precision",  # a resumed run continues in the same precision mode
     "channels_last",
 )
@@ -108,8 +114,8 @@ class StoreSchema:
 
     ``format``: the final file's format tag; ``rows``: the dataset under ``views/``;
     ``width_key``: the header key giving the row width; ``resume_keys``: header keys a resumed
-    run must share; ``run``/``flag``: the run and the command-line option that name the file in
-    messages (``"evaluation"``, ``"--results"``)."""
+    run must share; ``run``/``flag``/``what``: the run, the command-line option and the kind of
+    file that name it in messages (``"evaluation"``, ``"--results"``, ``"results file"``)."""
 
     format: str
     rows: str
@@ -117,6 +123,7 @@ class StoreSchema:
     resume_keys: tuple[str, ...]
     run: str
     flag: str
+    what: str = "results file"
 
 
 RESULTS_SCHEMA = StoreSchema(
@@ -129,8 +136,12 @@ FEATURES_SCHEMA = StoreSchema(
     (*RESUME_KEYS, "layer", "per_video", "feature_dim"),
     "extraction",
     "--output",
+    "features file",
 )
 STR = h5py.string_dtype()
+# final files up to this size (estimated from the parts, uncompressed) are built in memory and
+# written as one byte string; larger ones are written in place after a free-space check
+IN_MEMORY_MERGE_BYTES = 512 << 20
 
 
 class ResultsError(ValueError):
@@ -280,9 +291,11 @@ def _first_difference(key: str, a: Any, b: Any) -> tuple[str | None, Any, Any]:
     (``(None, a, b)`` when they are equal as JSON)."""
     if _json(a) == _json(b):
         return None, a, b
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        for sub in sorted(set(a) | set(b), key=str):
-            where, x, y = _first_difference(f"{key}.{sub}", a.get(sub), b.get(sub))
+    mapping = isinstance(a, Mapping) or isinstance(b, Mapping)
+    if mapping and all(isinstance(v, Mapping) or v is None for v in (a, b)):
+        x_map, y_map = a or {}, b or {}  # a key missing from one side: a leaf of None
+        for sub in sorted(set(x_map) | set(y_map), key=str):
+            where, x, y = _first_difference(f"{key}.{sub}", x_map.get(sub), y_map.get(sub))
             if where is not None:
                 return where, x, y
     return key, a, b
@@ -384,6 +397,7 @@ class ResultsStore:
                 f"--resume to continue it or --overwrite to start again"
             )
         done: set[int] = set()
+        stored: dict | None = None
         if os.path.isdir(self.parts_dir):
             try:
                 with open(self.manifest, encoding="utf-8") as f:
@@ -398,8 +412,9 @@ class ResultsStore:
             if resume:
                 logger.info("nothing to resume at %s: starting a new run", self.path)
             os.makedirs(self.parts_dir, exist_ok=True)
-        with atomic_write(self.manifest, "w") as f:
-            json.dump(self.header, f, indent=1, sort_keys=True, default=str)
+        if stored is None or _json(stored) != _json(self.header):  # nothing to write else
+            with atomic_write(self.manifest, "w") as f:
+                json.dump(self.header, f, indent=1, sort_keys=True, default=str)
         return False, done
 
     def writer(self, rank: int, flush_every: int, flush_seconds: float) -> PartWriter:
@@ -418,9 +433,74 @@ class ResultsStore:
 
         ``on_record`` sees every record in video order (the caller computes metrics from the
         same pass); ``report()`` is called after the last record and stored as an attribute.
+
+        A final file of up to :data:`IN_MEMORY_MERGE_BYTES` (estimated from the parts) is built
+        in memory and written as one byte string, so a full disk is one :class:`WriteError`
+        naming the file and the space it needs (HDF5 writing to a full disk crashes the
+        process). A larger one is written in place into a temporary file whose blocks are
+        reserved first (the estimate, an upper bound; HDF5 gives back the rest on close), so
+        the disk cannot fill under HDF5. Either way the free space is checked first, the parts
+        survive a failure and ``--resume`` merges again.
         """
+        parts, index, total_rows = self._index_parts()
+        lists = (list_labels, list_paths, list_errors)
+        estimate = _estimated_bytes(total_rows, self.width, len(index), lists, self.header)
+        directory = os.path.dirname(self.path)
+        os.makedirs(directory, exist_ok=True)
+        if estimate <= IN_MEMORY_MERGE_BYTES:
+            name = f"merge-{secrets.token_hex(8)}.h5"
+            with h5py.File(name, "w", driver="core", backing_store=False) as f:
+                self._fill(f, parts, index, total_rows, lists, on_record, report)
+                f.flush()
+                image = f.id.get_file_image()
+            self._check_space(len(image), directory)
+            try:
+                with atomic_write(self.path) as out:
+                    out.write(image)
+            except WriteError as e:
+                raise WriteError(e.errno, self._no_space(len(image), str(e), e.errno)) from e
+        else:
+            self._check_space(estimate, directory)
+            try:
+                with atomic_path(self.path) as tmp:
+                    with h5py.File(tmp, "w"):
+                        pass
+                    _reserve(tmp, estimate)  # the blocks HDF5 writes into are already there
+                    with h5py.File(tmp, "r+") as f:
+                        self._fill(f, parts, index, total_rows, lists, on_record, report)
+                        f.flush()
+            except WriteError as e:
+                raise WriteError(e.errno, self._no_space(estimate, str(e), e.errno)) from e
+        shutil.rmtree(self.parts_dir, ignore_errors=True)
+        logger.info("%s written (%d videos, %d rows)", self.path, len(index), total_rows)
+
+    def _no_space(self, needed: int, reason: str, code: int = errno.ENOSPC) -> str:
+        todo = (
+            "free space and"
+            if code in (errno.ENOSPC, errno.EDQUOT)
+            else f"once {os.path.dirname(self.path)} can be written,"
+        )
+        return (
+            f"{reason} (the {self.schema.what} needs about {_mib(needed)}); {todo} run the "
+            f"same command with --resume: the finished videos in {self.parts_dir} are kept"
+        )
+
+    def _check_space(self, needed: int, directory: str) -> None:
+        """Refuse (one :class:`WriteError`) to write ``needed`` bytes into ``directory`` when
+        its file system has less free space (where the platform can tell)."""
+        try:
+            stat = os.statvfs(directory)
+        except (OSError, AttributeError):
+            return
+        free = stat.f_bavail * stat.f_frsize
+        if free < needed:
+            reason = f"{self.path}: cannot write: only {_mib(free)} free in {directory}"
+            raise WriteError(errno.ENOSPC, self._no_space(needed, reason))
+
+    def _index_parts(self) -> tuple[list[str], dict[int, tuple[int, int]], int]:
+        """``(part files, video id -> (part number, record number), total rows)``."""
         parts = _part_files(self.parts_dir)
-        index: dict[int, tuple[int, int]] = {}  # video id -> (part number, record number)
+        index: dict[int, tuple[int, int]] = {}
         total_rows = 0
         for p, part in enumerate(parts):
             try:
@@ -434,6 +514,11 @@ class ResultsStore:
                     continue
                 index[vid] = (p, i)
                 total_rows += n
+        return parts, index, total_rows
+
+    def _fill(self, f, parts, index, total_rows, lists, on_record, report) -> None:
+        """Write the final file's content into the open HDF5 file ``f`` (one pass over the
+        parts, in video order)."""
         order = sorted(index)
         loaded: OrderedDict[int, list[VideoRecord]] = OrderedDict()
 
@@ -454,59 +539,86 @@ class ResultsStore:
             if total_rows
             else {}
         )
-        with atomic_path(self.path) as tmp, h5py.File(tmp, "w") as f:
-            f.attrs["format"] = self.schema.format
-            f.attrs["header"] = _json(self.header)
-            scores = f.create_dataset(
-                f"views/{self.schema.rows}",
-                shape=(total_rows, width),
-                dtype=np.float32,
-                shuffle=bool(total_rows),
-                **layout,
-            )
-            view_video = np.empty(total_rows, dtype=np.int64)
-            view_index = np.empty(total_rows, dtype=np.int16)
-            m = len(order)
-            videos = {
-                key: np.zeros(m, dtype=np.int64 if key == "row_start" else np.int32)
-                for key in ("row_start", "num_views", "num_frames", "height", "width")
-            }
-            errors = []
-            block: list[np.ndarray] = []
-            block_start = row = 0
-            for k, vid in enumerate(order):
-                rec = record(vid)
-                if on_record is not None:
-                    on_record(rec)
-                videos["row_start"][k] = row
-                videos["num_views"][k] = rec.num_views
-                videos["num_frames"][k] = rec.num_frames
-                videos["height"][k] = rec.height
-                videos["width"][k] = rec.width
-                errors.append(rec.error)
-                view_video[row : row + rec.num_views] = vid
-                view_index[row : row + rec.num_views] = rec.view_ids
-                row += rec.num_views
-                if rec.num_views:
-                    block.append(np.asarray(rec.scores, dtype=np.float32))
-                if row - block_start >= 8 * chunk_rows or k == m - 1:
-                    if block:
-                        scores[block_start:row] = np.concatenate(block)
-                    block, block_start = [], row
-            f["views/video_id"] = view_video
-            f["views/view_index"] = view_index
-            f["videos/video_id"] = np.array(order, dtype=np.int64)
-            for key, values in videos.items():
-                f[f"videos/{key}"] = values
-            f.create_dataset("videos/error", data=errors, dtype=STR)
-            f["list/label"] = np.asarray(list_labels, dtype=np.int64)
-            f.create_dataset("list/path", data=list(list_paths), dtype=STR)
-            f.create_dataset("list/error", data=list(list_errors), dtype=STR)
-            if report is not None:
-                f.attrs["report"] = _json(report())
-            f.flush()  # a full disk raises here, inside atomic_path: nothing renamed
-        shutil.rmtree(self.parts_dir, ignore_errors=True)
-        logger.info("%s written (%d videos, %d rows)", self.path, m, total_rows)
+        f.attrs["format"] = self.schema.format
+        f.attrs["header"] = _json(self.header)
+        scores = f.create_dataset(
+            f"views/{self.schema.rows}",
+            shape=(total_rows, width),
+            dtype=np.float32,
+            shuffle=bool(total_rows),
+            **layout,
+        )
+        view_video = np.empty(total_rows, dtype=np.int64)
+        view_index = np.empty(total_rows, dtype=np.int16)
+        m = len(order)
+        videos = {
+            key: np.zeros(m, dtype=np.int64 if key == "row_start" else np.int32)
+            for key in ("row_start", "num_views", "num_frames", "height", "width")
+        }
+        errors = []
+        block: list[np.ndarray] = []
+        block_start = row = 0
+        for k, vid in enumerate(order):
+            rec = record(vid)
+            if on_record is not None:
+                on_record(rec)
+            videos["row_start"][k] = row
+            videos["num_views"][k] = rec.num_views
+            videos["num_frames"][k] = rec.num_frames
+            videos["height"][k] = rec.height
+            videos["width"][k] = rec.width
+            errors.append(rec.error)
+            view_video[row : row + rec.num_views] = vid
+            view_index[row : row + rec.num_views] = rec.view_ids
+            row += rec.num_views
+            if rec.num_views:
+                block.append(np.asarray(rec.scores, dtype=np.float32))
+            if row - block_start >= 8 * chunk_rows or k == m - 1:
+                if block:
+                    scores[block_start:row] = np.concatenate(block)
+                block, block_start = [], row
+        f["views/video_id"] = view_video
+        f["views/view_index"] = view_index
+        f["videos/video_id"] = np.array(order, dtype=np.int64)
+        for key, values in videos.items():
+            f[f"videos/{key}"] = values
+        f.create_dataset("videos/error", data=errors, dtype=STR)
+        list_labels, list_paths, list_errors = lists
+        f["list/label"] = np.asarray(list_labels, dtype=np.int64)
+        f.create_dataset("list/path", data=list(list_paths), dtype=STR)
+        f.create_dataset("list/error", data=list(list_errors), dtype=STR)
+        if report is not None:
+            f.attrs["report"] = _json(report())
+
+
+def _reserve(path: str | os.PathLike, size: int) -> None:
+    """Allocate ``size`` bytes of disk for the file ``path`` (``OSError`` ENOSPC when the disk
+    is full); a no-op where the file system or the platform cannot preallocate."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    except AttributeError:  # no posix_fallocate on this platform
+        pass
+    finally:
+        os.close(fd)
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MiB"
+
+
+def _estimated_bytes(rows: int, width: int, videos: int, lists, header: Mapping) -> int:
+    """An upper bound of the final file's size: every dataset uncompressed (rows of ``width``
+    float32 with their video id and view index; per-video and per-entry columns with their
+    strings), the header, and HDF5's own structures (1 MiB, plus 1% for chunk indexes)."""
+    labels, paths, errors = lists
+    strings = sum(len(str(t).encode()) + 16 for t in (*paths, *errors))
+    data = rows * (4 * width + 8 + 2) + videos * (8 * 2 + 4 * 4 + 64) + 8 * len(labels)
+    data += strings + 4 * len(_json(header))
+    return int(data * 1.01) + (1 << 20)
 
 
 def read_list_entries(path: str | os.PathLike, header: Mapping) -> VideoList:

@@ -52,8 +52,8 @@ class InferenceOptions:
     seconds per part file; ``decode_memory_mb``: RGB frames a worker keeps from one decode.
     ``precision``/``compile``/``channels_last``/``allow_tf32``: see
     :func:`.inference.prepare_for_inference`. ``resume`` continues an interrupted run (same
-    list, model, data root, backend, mode), ``overwrite`` starts again and allows replacing a
-    file of another kind (never an input).
+    list, model, data root, backend and decoding signature, mode), ``overwrite`` starts again
+    and allows replacing a file of another kind (never an input).
     """
 
     overrides: Sequence[str] = ()

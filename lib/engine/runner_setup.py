@@ -1,10 +1,13 @@
 """The stages before the inference loop (:mod:`.runner`), the same for every command.
 
 In order, each cheap check before the next expensive step and nothing written before the model
-is known to run: the model (:func:`load_test_model`), the list (:func:`read_entries`), the
-outputs refused if they are inputs or foreign files (:func:`refuse_outputs`, nothing created),
-the precision mode probed (:func:`prepare_model`), and only then the outputs locked and
-prepared (:func:`claim_outputs`). :func:`my_items` is this process's share of the videos.
+is known to run: the arguments and the decoding backend (:func:`check_model_source`), the list
+(:func:`read_entries`: read, bounded, parsed), the outputs refused if they are inputs or
+foreign files (:func:`refuse_outputs`, nothing created), then the first expensive step, the
+model (:func:`load_test_model`), whose number of classes bounds the list's labels
+(:func:`label_range`); the precision mode probed (:func:`prepare_model`), and only then the
+outputs locked and prepared (:func:`claim_outputs`). :func:`my_items` is this process's share
+of the videos.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from ..datasets.decoders import available_backends
 from ..datasets.stream import VideoItem
 from ..datasets.video_list import ListEntry, VideoList, read_video_list
-from ..pretrained import load_model  # a weights file or a released model's name
+from ..pretrained import load_model, weights_label  # a weights file or a released model's name
 from ..utils.io import OutputError, check_destination
 from ..utils.lock import output_lock
 from ..version import __version__
@@ -29,13 +32,16 @@ from .inference import prepare_for_inference
 
 __all__ = [
     "Destination",
+    "check_model_source",
     "claim_outputs",
+    "label_range",
     "load_test_model",
     "model_fingerprint",
     "my_items",
     "package_version",
     "prepare_model",
     "read_entries",
+    "recorded_weights",
     "refuse_outputs",
 ]
 
@@ -55,6 +61,33 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def check_model_source(
+    weights: str | os.PathLike | None,
+    model: torch.nn.Module | None,
+    overrides: Sequence[str],
+    backend: str,
+    caller: str,
+) -> None:
+    """Refuse (``ValueError``) what no run can use, before anything is read: an unavailable
+    decoding ``backend``, ``overrides`` with a given model, neither weights nor a model."""
+    if backend not in available_backends():
+        raise ValueError(
+            f"video backend {backend!r} is not available (have {available_backends()})"
+        )
+    if model is not None and overrides:
+        raise ValueError("overrides apply to weights loaded from a file, not to a given model")
+    if model is None and weights is None:
+        raise ValueError(
+            f"{caller}() needs weights (a converted .pt file or a released model's name) or a model"
+        )
+
+
+def recorded_weights(weights: str | os.PathLike | None) -> str | None:
+    """The weights as a header or report records them: a released model's name as given, a
+    file's absolute path, None for a model passed in (:func:`..pretrained.weights_label`)."""
+    return weights_label(weights) if weights is not None else None
+
+
 def load_test_model(
     weights: str | os.PathLike | None,
     model: torch.nn.Module | None,
@@ -62,30 +95,33 @@ def load_test_model(
     backend: str,
     caller: str,
 ) -> torch.nn.Module:
-    """The test-split model: ``model`` as given, or loaded from ``weights`` with ``overrides``.
-    Refuses an unavailable decoding ``backend`` first (cheapest)."""
-    if backend not in available_backends():
-        raise ValueError(
-            f"video backend {backend!r} is not available (have {available_backends()})"
-        )
+    """The test-split model: ``model`` as given, or loaded from ``weights`` with ``overrides``
+    (after :func:`check_model_source`)."""
+    check_model_source(weights, model, overrides, backend, caller)
     if model is not None:
-        if overrides:
-            raise ValueError("overrides apply to weights loaded from a file, not to a given model")
         return model
-    if weights is None:
-        raise ValueError(
-            f"{caller}() needs weights (a converted .pt file or a released model's name) or a model"
-        )
     return load_model(weights, split="test", overrides=overrides)
 
 
 def read_entries(
-    list_file: str | os.PathLike, data_root: str | None, cfg, limit: int | None
+    list_file: str | os.PathLike, data_root: str | None, limit: int | None
 ) -> tuple[VideoList, list[ListEntry]]:
-    """The list and the entries a run covers (the first ``limit``, or all)."""
-    vlist = read_video_list(list_file, data_root, num_classes=cfg.MODEL.NUM_CLASSES)
-    entries = vlist.entries if limit is None else vlist.entries[:limit]
-    return vlist, list(entries)
+    """The list and the entries a run covers (the first ``limit``, or all), read before the
+    model is built: a missing, unreadable, oversized or non-UTF-8 list stops the run here.
+    Labels are bounded by the model's classes afterwards (:func:`label_range`)."""
+    return _covered(read_video_list(list_file, data_root), limit)
+
+
+def label_range(
+    vlist: VideoList, num_classes: int, limit: int | None
+) -> tuple[VideoList, list[ListEntry]]:
+    """``vlist`` and its covered entries with the labels outside the model's ``num_classes``
+    made bad lines (scored as wrong), as a list read with the classes known would have them."""
+    return _covered(vlist.with_num_classes(num_classes), limit)
+
+
+def _covered(vlist: VideoList, limit: int | None) -> tuple[VideoList, list[ListEntry]]:
+    return vlist, list(vlist.entries if limit is None else vlist.entries[:limit])
 
 
 def prepare_model(
