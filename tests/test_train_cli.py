@@ -19,6 +19,7 @@ from train_helpers import (
     AFFINE_BASE,
     BASE,
     TINY,
+    TRAIN_THREADS,
     in_process_error,
     run_train,
     write_class_dataset,
@@ -141,6 +142,7 @@ def test_sigkill_then_rerun_is_bit_identical(data, tmp_path, rerun):
     args = dict(SOLVER__MAX_ITER=4, CHECKPOINT__CHECKPOINT_PERIOD=1, TRAIN__BATCH_SIZE=2)
     args.update(TRAIN__DROPOUT_RATE=0.5)  # the RNG state must survive the resume too
     args.update(TRAIN__EVAL_PERIOD=2)  # validation records in metrics.jsonl
+    args.update(TEST__NUM_TEST_CLIPS=3)  # TEST_AFTER_TRAIN's test: 3 views a video, not 30
     val = ["--val-list", data]
     straight = tmp_path / "straight"
     run_train([*base_args(data, straight, **args), *val], check=True)
@@ -148,7 +150,7 @@ def test_sigkill_then_rerun_is_bit_identical(data, tmp_path, rerun):
     command = [sys.executable, "-m", "nonlocal_net.tools.train_net_video"]
     proc = subprocess.Popen(
         [*command, *map(str, base_args(data, killed, **args)), *map(str, val)],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": TRAIN_THREADS},  # as run_train: bit for bit
         stderr=subprocess.DEVNULL,
     )
     target = killed / "checkpoints/model_iter2.pt"
@@ -191,6 +193,10 @@ def test_sigkill_then_rerun_is_bit_identical(data, tmp_path, rerun):
         assert {k: v for k, v in x.items() if k in ("lr", "loss", "top1_err", "top5_err")} == {
             k: v for k, v in y.items() if k in ("lr", "loss", "top1_err", "top5_err")
         }
+    # the test after training (TRAIN.TEST_AFTER_TRAIN) of the resumed run is the straight one's
+    ta, tb = (json.loads((o / "test_report.json").read_text()) for o in (straight, killed))
+    assert ta["num_views"] == tb["num_views"] == 6 * 3 and ta["num_videos_with_views"] == 6
+    assert (ta["top1_accuracy"], ta["top5_accuracy"]) == (tb["top1_accuracy"], tb["top5_accuracy"])
     timing = {"train": ("clips_per_s", "iter_seconds", "data_seconds"), "val": ("seconds",)}
     for record in ra:
         assert all(record[k] >= 0 for k in timing[record["kind"]]) and record["time"] > 0
@@ -207,7 +213,9 @@ def test_two_process_gloo_equals_accumulate_two(data, tmp_path):
     args = dict(SOLVER__MAX_ITER=2, CHECKPOINT__CHECKPOINT_PERIOD=-1, TRAIN__BATCH_SIZE=4)
     single = tmp_path / "single"
     one = run_train(
-        [*base_args(data, single, AFFINE_BASE, **args), "--accumulate", "2"], check=True
+        [*base_args(data, single, AFFINE_BASE, **args), "--accumulate", "2"],
+        env={"OMP_NUM_THREADS": "1"},  # as each of the two processes below
+        check=True,
     )
     assert "1 process(es) x 2 micro-batch(es) x 2 clips" in one.stderr
     ddp = tmp_path / "ddp"

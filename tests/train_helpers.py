@@ -53,10 +53,15 @@ def write_class_dataset(root: Path, per_class: int = 2, extra_lines=()) -> Path:
     return write_list_file(root / "train.txt", lines)
 
 
+# One training process at a time uses the cores the tests use (conftest's torch threads); runs
+# that are compared tensor for tensor use the same count. Several processes at once take 1 each.
+TRAIN_THREADS = str(max(1, min(4, os.cpu_count() or 1)))
+
+
 def run_train(args, env=None, check=False, **kwargs):
     """``python -m nonlocal_net.tools.train_net_video ARGS`` (one process)."""
     command = [sys.executable, "-m", "nonlocal_net.tools.train_net_video", *map(str, args)]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env = {**os.environ, "OMP_NUM_THREADS": TRAIN_THREADS, **(env or {})}
     result = subprocess.run(command, env=full_env, capture_output=True, text=True, **kwargs)
     if check and result.returncode != 0:
         raise AssertionError(f"vnl-train failed ({result.returncode}):\n{result.stderr[-4000:]}")
