@@ -188,10 +188,11 @@ SIGNAL_CASES = [
     ("plain", signal.SIGTERM),
     ("--to-caffe2", signal.SIGTERM),
     ("--ftvideo", signal.SIGINT),
-    pytest.param("--to-caffe2", signal.SIGINT, marks=pytest.mark.slow),
-    pytest.param("--ftvideo", signal.SIGTERM, marks=pytest.mark.slow),
-    pytest.param("--blob-rm", signal.SIGINT, marks=pytest.mark.slow),
-    pytest.param("--blob-rm", signal.SIGTERM, marks=pytest.mark.slow),
+    # the other signal of each conversion (the same handler) with the full suite
+    pytest.param("--to-caffe2", signal.SIGINT, marks=pytest.mark.parity_full),
+    pytest.param("--ftvideo", signal.SIGTERM, marks=pytest.mark.parity_full),
+    ("--blob-rm", signal.SIGINT),
+    pytest.param("--blob-rm", signal.SIGTERM, marks=pytest.mark.parity_full),
 ]
 
 

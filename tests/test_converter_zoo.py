@@ -199,8 +199,7 @@ FULL_SIZE_DEFAULT = {
     "c2d_nonlocal_8x8_IN_pretrain_400k",
     "c2d_nonlocal_32x2_IN_pretrain_400k",
     "i3d_nonlocal_8x8_IN_pretrain_400k",
-    "i3d_nonlocal_32x4_I3D_pretrain_400k",
-}
+}  # the affine 32x4: its parity row and test_affine_file_round_trip in make test
 
 
 @pytest.mark.slow

@@ -62,8 +62,16 @@ def _runner(path, suffix):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("split", ["val", "test"])
-@pytest.mark.parametrize("suffix", [".pt2", pytest.param(".onnx", marks=needs_ort)])
+@pytest.mark.parametrize(
+    "suffix, split",
+    [
+        (".pt2", "test"),
+        pytest.param(".onnx", "val", marks=needs_ort),
+        # the other two pairings (same exporters, same heads) with the full suite
+        pytest.param(".pt2", "val", marks=pytest.mark.parity_full),
+        pytest.param(".onnx", "test", marks=(needs_ort, pytest.mark.parity_full)),
+    ],
+)
 def test_export_reproduces_strict_pytorch(weights, tmp_path, capsys, suffix, split):
     out = tmp_path / f"model{suffix}"
     rc, stdout, _ = _run(["--weights", weights, "--output", out, "--split", split], capsys)

@@ -6,6 +6,7 @@ byte-identical."""
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import signal
@@ -46,6 +47,19 @@ def run_tool(module: str, args, **kwargs) -> subprocess.CompletedProcess:
         timeout=300,
         **kwargs,
     )
+
+
+def run_in_process(module: str, args, capsys) -> subprocess.CompletedProcess:
+    """``run_tool`` through the command's own ``main`` in this process: the same argument
+    checks and error lines, without a new process's torch start-up (for refusal matrices)."""
+    main = importlib.import_module(module).main
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:  # argparse's own refusals
+        code = e.code if isinstance(e.code, int) else 1
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
 
 
 def assert_refused(done, *needles: str, prog: str) -> None:
@@ -283,7 +297,9 @@ def _stored(tmp_path, name, cfg_value, base: Path) -> Path:
     return path
 
 
-def test_malformed_stored_configs_are_refused_before_building(small_pt, eval_videos, tmp_path):
+def test_malformed_stored_configs_are_refused_before_building(
+    small_pt, eval_videos, tmp_path, capsys
+):
     good = torch.load(small_pt, weights_only=True)["cfg"]
     shared: list = [1]
     for _ in range(60):
@@ -304,8 +320,8 @@ def test_malformed_stored_configs_are_refused_before_building(small_pt, eval_vid
         path = _stored(tmp_path, name, value, small_pt)
         before = digest(path)
         start = time.perf_counter()
-        done = run_tool(
-            TEST, ["--weights", path, "--list", eval_videos.list_file, "--workers", "0"]
+        done = run_in_process(
+            TEST, ["--weights", path, "--list", eval_videos.list_file, "--workers", "0"], capsys
         )
         assert_refused(done, name, needle, prog="vnl-test")
         assert time.perf_counter() - start < 60 and digest(path) == before
@@ -321,17 +337,16 @@ def test_malformed_stored_configs_are_refused_before_building(small_pt, eval_vid
         (["SOLVER.BASE_LR", "float('nan')"], "SOLVER.BASE_LR"),
     ],
 )
-def test_rejected_overrides_are_one_line(small_pt, eval_videos, override, needle):
-    done = run_tool(
-        TEST, ["--weights", small_pt, "--list", eval_videos.list_file, "--workers", "0", *override]
-    )
+def test_rejected_overrides_are_one_line(small_pt, eval_videos, override, needle, capsys):
+    args = ["--weights", small_pt, "--list", eval_videos.list_file, "--workers", "0", *override]
+    done = run_in_process(TEST, args, capsys)
     assert_refused(done, needle, prog="vnl-test")
 
 
-def test_invalid_numeric_options_are_refused(small_pt, eval_videos):
+def test_invalid_numeric_options_are_refused(small_pt, eval_videos, capsys):
     base = ["--weights", small_pt, "--list", eval_videos.list_file]
     for extra in (["--batch-size", "0"], ["--workers", "-1"], ["--flush-every", "0"]):
-        done = run_tool(TEST, [*base, *extra])
+        done = run_in_process(TEST, [*base, *extra], capsys)
         assert done.returncode == 2 and extra[0] in done.stderr
 
 

@@ -488,6 +488,7 @@ print("torch" in sys.modules)
 
 
 @pytest.mark.slow
+@pytest.mark.parity_full  # full size; the small graphs above run the same code in make test
 def test_full_size_run_matches_inferred_shapes_and_is_batch_independent():
     cfg = nl.get_cfg(NL_8X8)
     graph = build_graph(cfg, "test")

@@ -34,6 +34,9 @@ def test_quick_start_is_shaped_as_the_test_expects():
 
 
 @pytest.mark.slow
+# docs/quickstart.md runs this very command (tests/test_quickstart.py checks it is the same) in
+# make test; the page's own run is in the full suite
+@pytest.mark.parity_full
 def test_quick_start_runs_as_written(tmp_path):
     bash, expected = quick_start_blocks()
     script = "set -euo pipefail\n" + "\n".join(bash[:-1]) + f"\necho {MARK}\n" + bash[-1]
