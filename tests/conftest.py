@@ -54,7 +54,7 @@ def pytest_addoption(parser):
         "--parity-full",
         action="store_true",
         default=False,
-        help="also run the tests marked parity_full (full-size cases, ~10-30 min)",
+        help="also run the tests marked parity_full (full-size cases, ~8 min on 2 cores)",
     )
 
 
