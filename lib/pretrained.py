@@ -43,9 +43,22 @@ from .models.resnet_video import ResNetVideo
 from .utils.download import file_sha256
 from .utils.io import atomic_write
 
-__all__ = ["converted_released", "load_model", "resolve_weights", "weights_label"]
+__all__ = [
+    "converted_released",
+    "is_released_name",
+    "load_model",
+    "resolve_weights",
+    "weights_label",
+]
 
 logger = logging.getLogger(__name__)
+
+
+def is_released_name(spec: str | os.PathLike) -> bool:
+    """Whether ``spec`` names a released model rather than a file: a zoo name with no file of
+    that name (a file wins, so a local copy named like a released model is used as it is)."""
+    text = os.fspath(spec)
+    return not os.path.exists(text) and is_zoo_name(text)
 
 
 def resolve_weights(spec: str | os.PathLike, *, caffe2: bool = False, progress: bool = True) -> str:
@@ -53,7 +66,7 @@ def resolve_weights(spec: str | os.PathLike, *, caffe2: bool = False, progress: 
     cached converted weights (or, with ``caffe2``, its released ``.pkl``), fetched and converted
     on first use; anything else unchanged (the caller reports it missing)."""
     text = os.fspath(spec)
-    if os.path.exists(text) or not is_zoo_name(text):
+    if not is_released_name(text):
         return text
     if caffe2:
         return fetch_released(text, progress=progress)
@@ -61,13 +74,10 @@ def resolve_weights(spec: str | os.PathLike, *, caffe2: bool = False, progress: 
 
 
 def weights_label(spec: str | os.PathLike) -> str:
-    """How an output records the weights ``spec``: a released model's name as given (what
-    :func:`resolve_weights` takes it for: a name with no file of that name), anything else as
-    the absolute path of the file."""
+    """How an output records the weights ``spec``: a released model's name as given
+    (:func:`is_released_name`), anything else as the absolute path of the file."""
     text = os.fspath(spec)
-    if not os.path.exists(text) and is_zoo_name(text):
-        return text
-    return os.path.abspath(text)
+    return text if is_released_name(text) else os.path.abspath(text)
 
 
 def load_model(

@@ -93,6 +93,32 @@ def test_the_list_is_checked_before_the_model(
     assert lst.read_bytes() == before and not out.exists()
 
 
+def test_vnl_predict_checks_its_video_before_the_model(
+    eval_videos, checkpoint, tmp_path, capsys, monkeypatch
+):
+    """A missing video, a folder or a device is one line before any model is built (for a
+    released name that would be a download of its checkpoint)."""
+    from nonlocal_net.tools import predict_video as predict_tool
+
+    def no_model(*_, **__):
+        raise AssertionError("the model was loaded before the video was checked")
+
+    monkeypatch.setattr(runner_setup, "load_model", no_model)
+    cases = {
+        tmp_path / "no-such.mp4": "does not exist",
+        tmp_path: "is not a file",
+        Path("/dev/zero"): "is not a file",
+    }
+    for video, why in cases.items():
+        args = [str(video), "--weights", "i3d_nonlocal_8x8_IN_pretrain_400k", "--no-progress"]
+        assert predict_tool.main(args) == 2
+        line = one_error_line(capsys.readouterr().err, "vnl-predict")
+        assert str(video) in line and why in line, line
+    monkeypatch.undo()  # control: a real video with the same checks goes on to the model
+    video = eval_videos.root / eval_videos.specs[0].name
+    assert predict_tool.main([str(video), "--weights", str(checkpoint), "--no-progress"]) == 0
+
+
 @pytest.mark.parametrize("prog", sorted(COMMANDS))
 def test_labels_beyond_the_models_classes_are_bad_lines(
     prog, eval_videos, checkpoint, tmp_path, capsys

@@ -284,7 +284,7 @@ def _evaluate(
     check_model_source(weights, model, opts.overrides, opts.backend, "evaluate")
     vlist, entries = read_entries(list_file, opts.data_root, opts.limit)
     ctx.on_main(lambda: refuse_outputs(outputs, inputs, vlist, opts.overwrite))
-    model = load_test_model(weights, model, opts.overrides, opts.backend, "evaluate")
+    model = load_test_model(weights, model, opts.overrides)
     cfg = model.cfg
     vlist, entries = label_range(vlist, cfg.MODEL.NUM_CLASSES, opts.limit)
     model, fingerprint = prepare_model(model, ctx.device, opts)

@@ -192,7 +192,7 @@ def _extract(ctx, held, list_file, weights, output, model, opts: ExtractOptions)
     check_model_source(weights, model, opts.overrides, opts.backend, "extract_features")
     vlist, entries = read_entries(list_file, opts.data_root, opts.limit)
     ctx.on_main(lambda: refuse_outputs(outputs, inputs, vlist, opts.overwrite))
-    model = load_test_model(weights, model, opts.overrides, opts.backend, "extract_features")
+    model = load_test_model(weights, model, opts.overrides)
     cfg = model.cfg
     check_layer(model, opts.layer, opts.precision, opts.compile)
     protocol = TestProtocol.from_cfg(cfg)

@@ -26,7 +26,7 @@ from ..utils.device import default_device
 from .layer_taps import POOL5, feature_dim
 from .results import VideoRecord
 from .runner import InferenceRunner, default_batch_size, run_views
-from .runner_setup import load_test_model, prepare_model
+from .runner_setup import check_model_source, load_test_model, prepare_model
 
 __all__ = ["PredictOptions", "Prediction", "predict_video"]
 
@@ -101,14 +101,19 @@ def predict_video(
     replace single fields (``predict_video(v, w, features=True, topk=3)``). An undecodable
     video raises ``ValueError`` naming the file."""
     opts = replace(options or PredictOptions(), **changes)
-    model = load_test_model(weights, model, opts.overrides, opts.backend, "predict_video")
+    path = os.fspath(video)
+    # the cheap checks before the first expensive step (building, perhaps downloading, a model)
+    check_model_source(weights, model, opts.overrides, opts.backend, "predict_video")
+    if not os.path.isfile(path):
+        what = "is not a file" if os.path.exists(path) else "does not exist"
+        raise ValueError(f"{path}: the video {what}")
+    model = load_test_model(weights, model, opts.overrides)
     device = default_device(opts.device)
     model, _ = prepare_model(model, device, opts)
     cfg = model.cfg
     protocol = TestProtocol.from_cfg(cfg)
     rows = ScoresAndPool5(model, protocol, opts.features)
     records: list[VideoRecord] = []
-    path = os.fspath(video)
     runner = InferenceRunner(
         rows, protocol, device, records.append, lambda _: path, "view" if opts.progress else None
     )

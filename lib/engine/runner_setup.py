@@ -89,15 +89,11 @@ def recorded_weights(weights: str | os.PathLike | None) -> str | None:
 
 
 def load_test_model(
-    weights: str | os.PathLike | None,
-    model: torch.nn.Module | None,
-    overrides: Sequence[str],
-    backend: str,
-    caller: str,
+    weights: str | os.PathLike | None, model: torch.nn.Module | None, overrides: Sequence[str]
 ) -> torch.nn.Module:
     """The test-split model: ``model`` as given, or loaded from ``weights`` with ``overrides``
-    (after :func:`check_model_source`)."""
-    check_model_source(weights, model, overrides, backend, caller)
+    (the first expensive step; the caller ran :func:`check_model_source` and the cheap input
+    checks before it)."""
     if model is not None:
         return model
     return load_model(weights, split="test", overrides=overrides)
