@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine_info import machine
 
 from nonlocal_net.converters import write_caffe2_pkl
 from nonlocal_net.converters.synthetic import synthetic_checkpoint_blobs
@@ -73,26 +73,6 @@ def run_measured(argv: list[str]) -> tuple[float, float]:
     if result["rc"] != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({result['rc']}):\n{result['stderr']}")
     return result["wall"], result["peak_kib"] / 1024.0  # Linux reports KiB
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
-        mem = f"{mem_kib / 2**20:.0f} GiB RAM"
-    except (OSError, ValueError, IndexError):
-        mem = "RAM unknown"
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {mem}; Python {platform.python_version()}, "
-        f"torch {torch.__version__}, numpy {np.__version__}"
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,9 +137,10 @@ def main(argv: list[str] | None = None) -> int:
             f"| {label} | {wall:.2f} | {peak:.0f} | {peak / size_mib:.2f} | "
             f"{(peak - baseline) / size_mib:.2f} |"
         )
+    host = machine(f"torch {torch.__version__}", f"numpy {np.__version__}")
     lines += [
         "",
-        f"Machine: {machine()}. Load average (1 min) before / after the runs: "
+        f"Machine: {host}. Load average (1 min) before / after the runs: "
         f"{load_before:.1f} / {os.getloadavg()[0]:.1f} (other processes share the cores when it "
         f"exceeds 0; times grow with it, memory does not).",
         "",

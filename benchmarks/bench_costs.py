@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -40,6 +39,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine_info import machine
 
 from nonlocal_net.datasets.synthetic import write_list_file, write_video
 from nonlocal_net.utils.io import atomic_write
@@ -244,23 +244,8 @@ def disk_rows(work: Path, sizes: Sizes) -> list[tuple[str, float, str]]:
     ]
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        mem = f"{int(Path('/proc/meminfo').read_text().split()[1]) / 2**20:.0f} GiB RAM"
-    except (OSError, ValueError, IndexError):
-        mem = "RAM unknown"
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {mem}; Python {platform.python_version()}, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} intra-op threads)"
-    )
-
-
 def table(sizes: Sizes, rows: list[Row], disk: list, load: tuple, seconds: float) -> str:
+    torch_line = f"torch {torch.__version__} ({torch.get_num_threads()} intra-op threads)"
     lines = [
         "# What each command costs",
         "",
@@ -273,7 +258,7 @@ def table(sizes: Sizes, rows: list[Row], disk: list, load: tuple, seconds: float
         "(`ru_maxrss`). `vnl-test`, `vnl-extract` and `vnl-train` decode in the process "
         "(`--workers 0`).",
         "",
-        f"Machine: {machine()}. Load average (1/5/15 min) before: "
+        f"Machine: {machine(torch_line)}. Load average (1/5/15 min) before: "
         + " / ".join(f"{x:.2f}" for x in load[0])
         + ", after: "
         + " / ".join(f"{x:.2f}" for x in load[1])
