@@ -114,9 +114,25 @@ def test_vnl_predict_checks_its_video_before_the_model(
         assert predict_tool.main(args) == 2
         line = one_error_line(capsys.readouterr().err, "vnl-predict")
         assert str(video) in line and why in line, line
-    monkeypatch.undo()  # control: a real video with the same checks goes on to the model
+    # a labels file is read and checked before the model too
     video = eval_videos.root / eval_videos.specs[0].name
+    empty_name = tmp_path / "labels.txt"
+    empty_name.write_text("a\n\nc\n")
+    labels_cases = {tmp_path / "no-labels.txt": "no-labels.txt", empty_name: ":2: empty class"}
+    for labels, why in labels_cases.items():
+        args = [str(video), "--weights", str(checkpoint), "--labels", str(labels)]
+        assert predict_tool.main([*args, "--no-progress"]) == 2
+        line = one_error_line(capsys.readouterr().err, "vnl-predict")
+        assert why in line, line
+    monkeypatch.undo()  # control: a real video with the same checks goes on to the model
     assert predict_tool.main([str(video), "--weights", str(checkpoint), "--no-progress"]) == 0
+    # and a labels file of another class count is refused once the model's 7 classes are known
+    three = tmp_path / "three.txt"
+    three.write_text("a\nb\nc\n")
+    args = [str(video), "--weights", str(checkpoint), "--labels", str(three), "--no-progress"]
+    assert predict_tool.main(args) == 2
+    line = one_error_line(capsys.readouterr().err, "vnl-predict")
+    assert "3 class names for a model with 7 classes" in line, line
 
 
 @pytest.mark.parametrize("prog", sorted(COMMANDS))

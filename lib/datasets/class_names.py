@@ -18,12 +18,14 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections.abc import Sequence
 from importlib import resources
 
 from .text_lines import read_bounded_bytes, split_lines
 
 __all__ = [
     "KINETICS400_FILE",
+    "check_class_count",
     "class_names_for",
     "kinetics400_class_names",
     "read_class_names",
@@ -72,11 +74,18 @@ def read_class_names(path: str | os.PathLike, num_classes: int | None = None) ->
         for i, name in enumerate(result):
             if not name:
                 raise ValueError(f"{path}:{i + 1}: empty class name")
-    if num_classes is not None and len(result) != num_classes:
-        raise ValueError(
-            f"{path}: {len(result)} class names for a model with {num_classes} classes"
-        )
+    if num_classes is not None:
+        check_class_count(result, num_classes, path)
     return result
+
+
+def check_class_count(names: Sequence[str], num_classes: int, source: str | os.PathLike) -> None:
+    """Refuse (``ValueError`` naming ``source``) names that are not one per model class: for a
+    file read before the model is known (:func:`read_class_names` without ``num_classes``)."""
+    if len(names) != num_classes:
+        raise ValueError(
+            f"{os.fspath(source)}: {len(names)} class names for a model with {num_classes} classes"
+        )
 
 
 @functools.lru_cache(maxsize=1)

@@ -11,7 +11,7 @@ import logging
 
 import numpy as np
 
-from ..datasets.class_names import class_names_for
+from ..datasets.class_names import check_class_count, class_names_for, read_class_names
 from ..datasets.decoders import BACKENDS
 from ..engine.inference import add_precision_arguments
 from ..engine.predict import PredictOptions, predict_video
@@ -115,8 +115,12 @@ def _run(args: argparse.Namespace) -> int:
             is_own_output=_is_npy,
             replace_foreign=args.overwrite,
         )
+    # a labels file is read and checked before the model; its count once the model is known
+    given = read_class_names(args.labels) if args.labels else None
     prediction = predict_video(args.video, args.weights, options=options_from_args(args))
-    names = class_names_for(len(prediction.scores), args.labels)  # built in for Kinetics-400
+    if given is not None:
+        check_class_count(given, len(prediction.scores), args.labels)
+    names = given if given is not None else class_names_for(len(prediction.scores))
     if args.features:
         with output_lock(args.features), atomic_write(args.features) as f:
             np.save(f, prediction.features)
