@@ -127,25 +127,28 @@ def test_convert_refuses_to_replace_a_foreign_file(small_pkl, tmp_path):
     assert dst.read_text() == "not a checkpoint"
 
 
-def test_eval_tools_refuse_inputs_as_outputs(small_pt, eval_videos, tmp_path):
+def test_eval_tools_refuse_inputs_as_outputs(small_pt, eval_videos, tmp_path, capsys):
     lst = eval_videos.list_file
     before = digest(lst, small_pt)
     base = ["--weights", small_pt, "--list", lst, "--workers", "0", "--no-progress"]
+    # the first case as a process from the command line, the rest through the same main()
+    done = run_tool(TEST, [*base, "--report", lst])
+    assert_refused(done, "same file", prog="vnl-test")
     for extra in (
-        ["--report", lst],
         ["--report", small_pt],
         ["--results", small_pt, "--overwrite"],
         ["--results", tmp_path / "r.h5", "--report", lst, "--overwrite"],
     ):
-        done = run_tool(TEST, [*base, *extra])
+        done = run_in_process(TEST, [*base, *extra], capsys)
         assert_refused(done, "same file", prog="vnl-test")
-    done = run_tool(PREDICT, [lst, "--weights", small_pt, "--features", small_pt])
+    done = run_in_process(PREDICT, [lst, "--weights", small_pt, "--features", small_pt], capsys)
     assert_refused(done, "same file", prog="vnl-predict")
     results = tmp_path / "r.h5"
     results.write_bytes(b"\x89HDF\r\n\x1a\nnot really")
-    done = run_tool(SCORE, [results, "--report", results])
+    done = run_in_process(SCORE, [results, "--report", results], capsys)
     assert_refused(done, "same file", prog="vnl-score")
-    done = run_tool(VERIFY, [small_pt, "--model", SMALL_BASE, "--json", small_pt])
+    verify_args = [small_pt, "--model", SMALL_BASE, "--json", small_pt]
+    done = run_in_process(VERIFY, verify_args, capsys)
     assert_refused(done, "same file", prog="vnl-verify")
     assert digest(lst, small_pt) == before
 

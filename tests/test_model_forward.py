@@ -128,16 +128,17 @@ def _randomise_bn(model, seed=0):
 
 
 @pytest.mark.parametrize(
-    "name, frames",
+    "name, split, frames",
     [
-        ("i3d_nonlocal_8x8_IN_pretrain_400k", 8),  # per-GPU batch in the config: 8
+        ("i3d_nonlocal_8x8_IN_pretrain_400k", "test", 8),  # per-GPU batch in the config: 8
         # grouped res3 (4-frame windows), config batch 2: 16 of its 32 frames keep several
-        # windows and halve the cost (whether clips mix does not depend on the length)
-        pytest.param("i3d_nonlocal_32x4_I3D_pretrain_400k", 16, marks=pytest.mark.slow),
+        # windows and halve the cost, the FC head's 224 crops cut it again (whether clips mix
+        # depends on neither)
+        pytest.param("i3d_nonlocal_32x4_I3D_pretrain_400k", "val", 16, marks=pytest.mark.slow),
     ],
 )
-def test_batch_size_does_not_mix_clips(name, frames):
-    split, crop = "test", 256
+def test_batch_size_does_not_mix_clips(name, split, frames):
+    crop = 256 if split == "test" else 224
     model = nl.build_model(name, split=split, overrides=["TRAIN.VIDEO_LENGTH", str(frames)])
     _randomise_bn(model)
     torch.manual_seed(1)
